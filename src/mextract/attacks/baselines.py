@@ -1,0 +1,65 @@
+"""The two baselines of the sources: soft-label distillation and basic hard-label training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from mextract.attacks.base import Attack, AttackContext
+from mextract.attacks.substitute import (
+    hard_targets,
+    query_pool,
+    random_subset,
+    soft_targets,
+    train_substitute,
+)
+from mextract.errors import InputError
+from mextract.training import TrainConfig
+
+#: Substitute training for the baselines: the sources train 40 epochs; SGD with Nesterov
+#: momentum and a one-cycle schedule as for the victim; batches of 64 so that small
+#: budgets still get enough steps.
+SUBSTITUTE_TRAINING = TrainConfig(epochs=40, batch_size=64, lr=0.05)
+
+
+@dataclass(kw_only=True)
+class KnockoffDistillation(Attack):
+    """Stage-1 baseline: query a random subset of the pool, distil the answers.
+
+    The substitute minimises ``T² · KL(victim softmax/T ‖ substitute softmax/T)`` with
+    ``T = 3`` (the sources; Hinton et al. 2015) on ``min(budget, |pool|)`` pool points
+    drawn uniformly without replacement — Papernot/Knockoff-style random querying.
+    Soft answer modes (probs, top-k, rounded, logits) are read as probability vectors;
+    against a label-only oracle the loss reduces to cross-entropy on one-hot targets.
+    """
+
+    name: ClassVar[str] = "kd"
+    temperature: float = 3.0
+    train: TrainConfig = SUBSTITUTE_TRAINING
+
+    def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
+        if not self.temperature > 0:
+            raise InputError(f"temperature: expected a positive number, got {self.temperature}")
+
+    def run(self, ctx: AttackContext) -> nn.Module:
+        assert ctx.pool is not None
+        x = ctx.pool[random_subset(ctx, ctx.budget)]
+        targets = soft_targets(query_pool(ctx, x), ctx, self.temperature)
+        return train_substitute(ctx, x, targets, soft=True, temperature=self.temperature, config=self.train)
+
+
+@dataclass(kw_only=True)
+class HardLabel(Attack):
+    """Stage-2 baseline ("basic"): query a random subset of the pool for its top-1 labels,
+    train with cross-entropy. Only the argmax of each answer is used, whatever the mode."""
+
+    name: ClassVar[str] = "hard"
+    train: TrainConfig = SUBSTITUTE_TRAINING
+
+    def run(self, ctx: AttackContext) -> nn.Module:
+        assert ctx.pool is not None
+        x = ctx.pool[random_subset(ctx, ctx.budget)]
+        targets = hard_targets(query_pool(ctx, x))
+        return train_substitute(ctx, x, targets, soft=False, config=self.train)

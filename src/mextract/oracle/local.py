@@ -1,0 +1,171 @@
+"""A local victim behind an oracle: a PyTorch module, a scikit-learn classifier or a callable."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mextract._utils import resolve_device
+from mextract.errors import InputError
+from mextract.oracle.base import Oracle
+from mextract.oracle.ledger import Ledger
+from mextract.oracle.modes import AnswerMode, restrict
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _torch_scores(model: nn.Module, dtype: torch.dtype, device: torch.device) -> ScoreFn:
+    params = list(model.parameters())
+    needs_copy = any(p.dtype != dtype or p.device != device for p in params)
+    model = copy.deepcopy(model).to(device=device, dtype=dtype) if needs_copy else model
+    model.eval()
+
+    @torch.no_grad()
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device))
+
+    return scores
+
+
+_LINEAR_SKLEARN = {"LogisticRegression", "LogisticRegressionCV"}
+
+
+def _sklearn_scores(est: Any) -> ScoreFn:
+    """Logits of a fitted scikit-learn classifier.
+
+    For logistic regression, ``decision_function`` *is* the logit (w·x + b), exact in
+    float64; a binary decision value ``d`` becomes the logit pair ``(0, d)``, whose softmax
+    is ``(1 - σ(d), σ(d))``. Other estimators give ``log(predict_proba)``, logits up to a
+    per-row constant (which every answer mode is invariant to).
+    """
+    use_decision = type(est).__name__ in _LINEAR_SKLEARN or not hasattr(est, "predict_proba")
+
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().cpu().numpy().reshape(len(x), -1)
+        if use_decision:
+            d = np.asarray(est.decision_function(arr), dtype=np.float64)
+            if d.ndim == 1:
+                d = np.stack([np.zeros_like(d), d], axis=1)
+        else:
+            p = np.asarray(est.predict_proba(arr), dtype=np.float64)
+            d = np.log(np.clip(p, np.finfo(np.float64).tiny, None))
+        return torch.from_numpy(d)
+
+    return scores
+
+
+def _callable_scores(fn: Callable[[np.ndarray], Any]) -> ScoreFn:
+    def scores(x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(fn(x.detach().cpu().numpy())))
+
+    return scores
+
+
+def _is_sklearn_classifier(obj: Any) -> bool:
+    return hasattr(obj, "classes_") and (hasattr(obj, "predict_proba") or hasattr(obj, "decision_function"))
+
+
+class VictimOracle(Oracle):
+    """The black box around a local victim; the only object that calls it.
+
+    Args:
+        victim: an ``nn.Module`` returning logits, a fitted scikit-learn classifier
+            (``decision_function`` for logistic regression, else ``predict_proba``), or any
+            callable mapping a numpy batch ``(N, *input_shape)`` to logits ``(N, K)``.
+        input_shape: the shape of one input (e.g. ``(1, 28, 28)`` or ``(30,)``); optional for
+            scikit-learn victims (read from ``n_features_in_``).
+        num_classes: ``K``; optional for scikit-learn victims (read from ``classes_``).
+        mode: the answer mode (see :mod:`mextract.oracle.modes`).
+        k: classes revealed by mode ``topk``; decimals: digits kept by mode ``rounded``.
+        budget: hard limit on answered samples, checked before the victim is called.
+        log: keep every query and answer in the ledger.
+        dtype: the precision of queries and answers; ``torch.float64`` for exact logits.
+        device: where a PyTorch victim runs (``None``: CUDA when present).
+        batch_size: the victim is called on chunks of at most this many samples.
+
+    Example:
+        >>> oracle = VictimOracle(model, input_shape=(1, 28, 28), num_classes=10,
+        ...                       mode="probs", budget=1000)
+        >>> answers = oracle.query(x)        # (N, 10), and oracle.ledger.count == N
+    """
+
+    def __init__(
+        self,
+        victim: nn.Module | Any,
+        *,
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        mode: AnswerMode | str = AnswerMode.PROBS,
+        k: int | None = None,
+        decimals: int | None = None,
+        budget: int | None = None,
+        log: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device | None = None,
+        batch_size: int = 1024,
+    ) -> None:
+        self.mode = AnswerMode.parse(mode)
+        if self.mode is AnswerMode.TOPK and (not isinstance(k, int) or k < 1):
+            raise InputError(f"answer mode 'topk' needs an integer k >= 1, got {k!r}")
+        if self.mode is AnswerMode.ROUNDED and (not isinstance(decimals, int) or decimals < 0):
+            raise InputError(f"answer mode 'rounded' needs integer decimals >= 0, got {decimals!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise InputError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+        if batch_size < 1:
+            raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
+        self.k, self.decimals, self.dtype, self.batch_size = k, decimals, dtype, batch_size
+        self._ledger = Ledger(budget, log=log)
+
+        if isinstance(victim, nn.Module):
+            self._scores = _torch_scores(victim, dtype, resolve_device(device))
+        elif _is_sklearn_classifier(victim):
+            self._scores = _sklearn_scores(victim)
+            if input_shape is None and hasattr(victim, "n_features_in_"):
+                input_shape = (int(victim.n_features_in_),)
+            if num_classes is None:
+                num_classes = len(victim.classes_)
+        elif callable(victim):
+            self._scores = _callable_scores(victim)
+        else:
+            raise InputError(
+                "victim: expected an nn.Module, a fitted scikit-learn classifier or a callable, "
+                f"got {type(victim).__name__}"
+            )
+        if input_shape is None or num_classes is None:
+            raise InputError("input_shape and num_classes are required for this victim")
+        if num_classes < 2:
+            raise InputError(f"num_classes: expected at least 2, got {num_classes}")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.num_classes = int(num_classes)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        self._ledger.charge(n)  # raises before the victim sees anything
+        try:
+            logits = torch.cat([self._call(x[i : i + self.batch_size]) for i in range(0, n, self.batch_size)])
+        except BaseException:
+            self._ledger.refund(n)
+            raise
+        answers = restrict(logits, self.mode, k=self.k, decimals=self.decimals)
+        self._ledger.record(x, answers)
+        return answers
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._scores(x)
+        if not isinstance(out, torch.Tensor):  # pragma: no cover - adapters return tensors
+            out = torch.as_tensor(out)
+        if out.shape != (x.shape[0], self.num_classes):
+            raise InputError(
+                f"victim returned scores of shape {tuple(out.shape)}, "
+                f"expected ({x.shape[0]}, {self.num_classes})"
+            )
+        return out.detach().to(device="cpu", dtype=self.dtype)

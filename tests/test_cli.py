@@ -1,0 +1,72 @@
+"""The command line end to end on a tiny tabular victim, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mextract.cli import app
+from mextract.experiments import load_records
+
+runner = CliRunner()
+
+
+def test_list_names_everything() -> None:
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for word in ("mnist", "cifar10", "resnet18", "vgg11", "kd", "hard", "label"):
+        assert word in result.output
+
+
+def test_train_attack_report_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = runner.invoke(
+        app, ["train-victim", "--out", str(out), "--dataset", "breast_cancer", "--device", "cpu"]
+    )
+    assert r.exit_code == 0, r.output
+    assert (out / "victim" / "model.safetensors").is_file() and (out / "victim.json").is_file()
+    rec_file = tmp_path / "kd.json"
+    r = runner.invoke(app, ["attack", str(out / "victim"), "--attack", "kd", "--budget", "100",
+                            "--option", "train={\"epochs\": 20, \"batch_size\": 32}",
+                            "--out", str(out), "--record", str(rec_file), "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads(rec_file.read_text())
+    assert record["metrics"]["queries"] == 100 and record["metrics"]["fidelity"] > 0.85
+    assert record["config"]["mode"] == "probs" and record["versions"]["torch"]
+    assert (out / "substitute-kd-probs-100-s0" / "model.safetensors").is_file()
+    records = load_records(out)
+    assert [x.kind for x in records] == ["victim", "attack"]
+    r = runner.invoke(app, ["report", str(out), "--markdown"])
+    assert r.exit_code == 0 and "| kd | probs | 100 |" in r.output
+
+
+def test_attack_option_dict_is_parsed_into_a_train_config(tmp_path: Path) -> None:
+    from mextract.cli.main import _parse_options
+
+    assert _parse_options(["temperature=2", "name=x"]) == {"temperature": 2, "name": "x"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train-victim", "--out", "{tmp}/x", "--dataset", "mnsit"], "unknown dataset 'mnsit'"),
+        (["train-victim", "--out", "{tmp}/x", "--model", "resnet50"], "unknown model 'resnet50'"),
+        (["attack", "{tmp}/nowhere"], "expected a checkpoint folder"),
+        (["train-victim", "--out", "{tmp}/x", "--dataset", "cifar10"], "MEXTRACT_CIFAR10"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+    """Through the real entry point: exit code 2 and a message, never a traceback."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from mextract.cli import main; main()", *argv],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr.replace("\n", " ")
+    assert "Traceback" not in proc.stderr
