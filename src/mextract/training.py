@@ -25,6 +25,9 @@ from mextract.errors import InputError, UnknownNameError
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A loss that needs the model and the inputs themselves (e.g. gradient matching):
+#: ``batch_loss(model, x_batch, target_batch) -> scalar``.
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 EpochHook = Callable[[int, nn.Module], None]
 
@@ -72,9 +75,10 @@ def fit(
     model: nn.Module,
     x: torch.Tensor,
     targets: torch.Tensor,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     config: TrainConfig,
     *,
+    batch_loss: BatchLoss | None = None,
     seed: int = 0,
     device: str | torch.device | None = None,
     transform: Transform | None = None,
@@ -86,6 +90,7 @@ def fit(
         x: inputs ``(N, ...)`` (kept on the CPU; batches move to ``device``).
         targets: ``(N,)`` class indices or ``(N, K)`` probability vectors, passed to ``loss_fn``.
         loss_fn: ``loss_fn(logits, target_batch) -> scalar``.
+        batch_loss: used instead of ``loss_fn`` when the loss needs the model and inputs.
         transform: batch augmentation ``transform(x_batch, generator)``.
         on_epoch: called as ``on_epoch(epoch, model)`` after each epoch (1-based).
     """
@@ -93,6 +98,8 @@ def fit(
         raise InputError(f"expected as many targets as inputs, got {len(targets)} and {len(x)}")
     if len(x) == 0:
         raise InputError("cannot train on an empty set")
+    if (loss_fn is None) == (batch_loss is None):
+        raise InputError("give exactly one of loss_fn and batch_loss")
     dev = resolve_device(device)
     model.to(dev)
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +116,8 @@ def fit(
                 xb = x[idx]
                 if transform is not None:
                     xb = transform(xb, gen)
-                loss = loss_fn(model(xb.to(dev)), targets[idx].to(dev))
+                xb, tb = xb.to(dev), targets[idx].to(dev)
+                loss = batch_loss(model, xb, tb) if batch_loss is not None else loss_fn(model(xb), tb)  # type: ignore[misc]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

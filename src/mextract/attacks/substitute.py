@@ -18,7 +18,7 @@ from torch import nn
 from mextract.attacks.base import AttackContext
 from mextract.errors import InputError
 from mextract.oracle import answers_to_probs
-from mextract.training import TrainConfig, Transform, fit
+from mextract.training import BatchLoss, TrainConfig, Transform, fit
 
 QUERY_CHUNK = 512
 
@@ -80,15 +80,18 @@ def train_substitute(
     config: TrainConfig,
     transform: Transform | None = None,
     model: nn.Module | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> nn.Module:
     """Train a (new, unless ``model`` is given) substitute on answered queries.
 
     ``soft=True`` expects ``targets`` from :func:`soft_targets` at the same temperature;
     ``soft=False`` expects class indices. The evaluator (if any) scores the substitute
     about ten times during training and at the end, filling ``ctx.history``.
+    ``batch_loss`` replaces the soft/hard loss when an attack needs its own (e.g. SPSG's
+    output-and-gradient matching); ``targets`` are then whatever that loss expects.
     """
     sub = ctx.make_substitute() if model is None else model
-    loss = kd_loss(temperature) if soft else ce_loss
+    loss = None if batch_loss is not None else kd_loss(temperature) if soft else ce_loss
     every = max(1, config.epochs // 10)
 
     def on_epoch(epoch: int, m: nn.Module) -> None:
