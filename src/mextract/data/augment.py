@@ -119,3 +119,48 @@ def flip_crop(
     idx_n = torch.arange(n, device=x.device).view(-1, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_erasing(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    p: float = 0.5,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+    value: float = 0.0,
+) -> torch.Tensor:
+    """Random Erasing (Zhong et al., AAAI 2020), torchvision's defaults: with probability
+    ``p`` an image gets one rectangle of area ``scale`` × image and aspect ratio drawn
+    log-uniformly from ``ratio`` set to ``value``. Rectangles are clipped to the image
+    (torchvision retries up to 10 times instead; clipping keeps the batch vectorised)."""
+    n, _, h, w = x.shape
+    erase = torch.rand(n, generator=generator) < p
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(lo + (hi - lo) * torch.rand(n, generator=generator))
+    eh = torch.sqrt(area * r).round().clamp(1, h).long()
+    ew = torch.sqrt(area / r).round().clamp(1, w).long()
+    top = (torch.rand(n, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=generator) * (w - ew + 1)).long()
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    mask = (
+        (rows >= top.view(-1, 1, 1))
+        & (rows < (top + eh).view(-1, 1, 1))
+        & (cols >= left.view(-1, 1, 1))
+        & (cols < (left + ew).view(-1, 1, 1))
+        & erase.view(-1, 1, 1)
+    )
+    return torch.where(mask.unsqueeze(1).to(x.device), torch.full_like(x, value), x)
+
+
+def random_rotation(x: torch.Tensor, generator: torch.Generator, *, degrees: float = 15.0) -> torch.Tensor:
+    """Rotate each image by an angle drawn uniformly from ``[-degrees, degrees]`` (zero fill)."""
+    n = x.shape[0]
+    a = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(degrees)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a), -torch.sin(a)
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a), torch.cos(a)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
