@@ -7,11 +7,14 @@ from typing import Any
 
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
+from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
 from mextract.errors import InputError, UnknownNameError
 
 ATTACKS: dict[str, type[Attack]] = {
     KnockoffDistillation.name: KnockoffDistillation,
     HardLabel.name: HardLabel,
+    EquationSolving.name: EquationSolving,
+    ReLUCryptanalysis.name: ReLUCryptanalysis,
 }
 
 

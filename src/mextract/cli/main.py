@@ -22,6 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+
+
+def _mount_subcommands() -> None:
+    from mextract.cli.direct import app as direct_app
+
+    app.add_typer(direct_app, name="direct", help="Direct extraction: recover the parameters themselves.")
+
+
+_mount_subcommands()
 err_console = Console(stderr=True)
 
 Seed = Annotated[int, typer.Option(help="Seed for every random choice of the run.")]

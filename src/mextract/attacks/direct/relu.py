@@ -1,0 +1,551 @@
+"""Cryptanalytic extraction of one-hidden-layer ReLU networks with logit outputs.
+
+The victim is ``O(x) = A¹·ReLU(A⁰x + B⁰) + B¹`` (``D`` inputs, ``H`` hidden units, ``K``
+logits). Along any line ``x(t) = x₀ + t·u`` it is piecewise linear in ``t``, bending
+exactly where the line crosses a hidden unit's hyperplane ``w_j·x + b_j = 0`` (a
+*critical point*). Following Jagielski et al. (USENIX Security 2020, "High Accuracy and
+High Fidelity Extraction of Neural Networks") and Carlini, Jagielski & Mironov
+("Cryptanalytic Extraction of Neural Network Models", CRYPTO 2020), with a query
+schedule of our own:
+
+1. **Critical points on one random line.** A geometric grid of probes (each with a
+   slope) covers ``t`` from ``10⁻³`` to ``10⁷`` input norms each way; every interval
+   whose end slopes differ is resolved by *intersecting the two end lines*: if the
+   victim's value at the intersection lies on both lines there is exactly one kink,
+   located in closed form (one query); otherwise the interval is split. A random
+   line crosses every hyperplane, so one line finds all ``H`` units (dead units
+   included, as long as their output weights are non-zero). Curvature that never
+   resolves into kinks raises :class:`NotPiecewiseLinearError`.
+2. **One gradient per linear piece, one row per kink.** Between consecutive kinks the
+   network is affine; its Jacobian ``G_s`` (``K × D``) and offset ``c_s`` come from
+   ``D + 1`` finite-difference queries at the segment's middle, with a step scaled to
+   the distance to the nearest kink. Crossing unit ``j`` changes the Jacobian by the
+   rank-one ``±A¹[:, j]·w_jᵀ`` (the *gradient jump*): its leading right singular vector
+   is ``w_j`` up to scale and sign, using all ``K`` outputs at once, and the jump in
+   ``c`` gives ``b_j``. Neighbouring kinks share the piece between them, so the whole
+   hidden layer costs ``(H + 1)(D + 1)`` queries, about ``K`` times the floor
+   ``P / K`` (``P = H(D+1) + K(H+1)``), instead of the ``2·H·D`` of per-unit second
+   differences. Finite-difference steps that would cross another hyperplane are found
+   afterwards from the recovered geometry and re-queried with a safe step.
+3. **Absolute signs.** Orienting each unit as "on at the larger ``t``" is a guess per
+   unit; a wrong guess ``ReLU(z)`` vs ``ReLU(-z)`` differs by the linear term ``a·z``.
+   The residual between a measured Jacobian and the model's predicted one is therefore
+   ``Σ_j f_j·a_j w_jᵀ`` with ``f_j ∈ {0, 1}`` (1 = flip); it is solved by least squares
+   and must round to 0/1, else the attack raises.
+4. **Polish.** Each bias is re-derived from a critical point located in closed form on
+   a short line along the unit's normal (four queries per unit, a step kept clear of
+   all other hyperplanes), then the output layer ``A¹, B¹`` is solved by least squares
+   on the hidden activations of the pieces' middles and fresh random queries (``K``
+   outputs at once), and a held-out set of fresh queries must be reproduced to
+   ``verify_tol`` relative error or the attack raises instead of returning a wrong model.
+
+Hidden units come back with unit-norm input weights: the network's symmetry (a positive
+scale per unit and a permutation) is all that is not recovered; see
+:func:`mextract.attacks.direct.align.align_relu1` for the error after alignment.
+
+Answer modes: ``logits`` (exact); ``probs`` is accepted and converted to logit
+differences ``log p_k - log p_0`` (the output layer then comes back minus its row 0:
+same softmax and labels), failing clearly if a probability underflows to zero.
+``rounded``, ``topk`` and ``label`` answers are refused (:class:`AnswerModeError`).
+Memory is bounded by one ``K × D`` Jacobian per linear piece; no query log is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mextract.attacks.base import Attack, AttackContext
+from mextract.attacks.direct.common import (
+    AnswerModeError,
+    DirectExtractionError,
+    FlatOracle,
+    NotPiecewiseLinearError,
+)
+from mextract.errors import InputError
+from mextract.oracle import AnswerMode, Oracle
+
+logger = logging.getLogger(__name__)
+
+_EPS = np.finfo(np.float64).eps
+
+
+def relu1_model(
+    w0: np.ndarray, b0: np.ndarray, w1: np.ndarray, b1: np.ndarray, *, flatten: bool = True
+) -> nn.Module:
+    """A float64 ``[Flatten →] Linear → ReLU → Linear`` module (the zoo's ``relu1`` layout)."""
+    h, d = w0.shape
+    k = w1.shape[0]
+    first = nn.Linear(d, h, dtype=torch.float64)
+    second = nn.Linear(h, k, dtype=torch.float64)
+    with torch.no_grad():
+        first.weight.copy_(torch.from_numpy(np.ascontiguousarray(w0, dtype=np.float64)))
+        first.bias.copy_(torch.from_numpy(np.ascontiguousarray(b0, dtype=np.float64)))
+        second.weight.copy_(torch.from_numpy(np.ascontiguousarray(w1, dtype=np.float64)))
+        second.bias.copy_(torch.from_numpy(np.ascontiguousarray(b1, dtype=np.float64)))
+    layers: list[nn.Module] = [nn.Flatten()] if flatten else []
+    return nn.Sequential(*layers, first, nn.ReLU(), second).eval()
+
+
+class _Line:
+    """The victim restricted to ``x₀ + t·u``: values ``(N, K)`` at parameters ``t``."""
+
+    def __init__(self, f: FlatOracle, x0: np.ndarray, u: np.ndarray) -> None:
+        self.f, self.x0, self.u = f, x0, u
+
+    def point(self, t: float) -> np.ndarray:
+        return self.x0 + t * self.u
+
+    def __call__(self, ts: np.ndarray) -> np.ndarray:
+        ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+        return self.f(self.x0[None, :] + ts[:, None] * self.u[None, :])
+
+
+@dataclass(kw_only=True)
+class ReLUCryptanalysis(Attack):
+    """Exact extraction of a one-hidden-layer ReLU network from its logits.
+
+    Args:
+        input_scale: standard deviation of the random base point, of the fresh queries
+            for the output layer and the check, and the unit of the line parameter.
+        tol: relative tolerance of the "lies on the line" tests of the kink search.
+        verify_queries: fresh random queries for the final check (held out of every fit).
+        verify_tol: largest relative error on them before the attack refuses its result.
+        max_kinks: stop (and raise) after this many critical points on the line.
+        min_width: relative width below which an unresolved bend means "not piecewise
+            linear".
+        search_range: the line is searched over ``|t| <= 4^search_range`` input norms;
+            ``None``: 11 for logits, 3 for probabilities (far queries would underflow them).
+
+    Metrics: ``hidden_units`` found, ``kinks``, ``flipped_units``, ``verify_rel_error``,
+    ``requeried_columns`` and the query split of the stages.
+    """
+
+    name: ClassVar[str] = "relu_cryptanalysis"
+    needs_pool: ClassVar[bool] = False
+
+    input_scale: float = 1.0
+    tol: float = 1e-7
+    verify_queries: int = 32
+    verify_tol: float = 1e-7
+    max_kinks: int = 4096
+    min_width: float = 1e-9
+    search_range: int | None = None
+
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+        if oracle.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
+            raise AnswerModeError(
+                "oracle answer mode: expected 'logits' (or 'probs', converted to logit "
+                f"differences) for exact ReLU extraction, got {oracle.mode.value!r}; rounded, "
+                "top-k and label answers make exact recovery impossible"
+            )
+        d = int(np.prod(oracle.input_shape))
+        need = 2 * (d + 1) + self.verify_queries
+        if budget < need:
+            raise InputError(
+                f"budget: expected at least 2(D + 1) + verify_queries = {need} queries for even "
+                f"a single hidden unit on D = {d} inputs, got {budget}"
+            )
+        if not self.input_scale > 0 or not 0 < self.tol < 1e-2:
+            raise InputError(
+                f"input_scale > 0 and 0 < tol < 1e-2 expected, got {self.input_scale}, {self.tol}"
+            )
+
+    # ================================================================== run
+    def run(self, ctx: AttackContext) -> nn.Module:
+        t_start = time.perf_counter()
+        f = FlatOracle(ctx.oracle)
+        d, k = f.dim, f.num_classes
+        rng = np.random.default_rng(ctx.seed)
+        sigma = float(self.input_scale)
+        unit = sigma * np.sqrt(d)  # typical norm of a base point: the unit of t
+        x0 = sigma * rng.standard_normal(d)
+        u = rng.standard_normal(d)
+        u /= np.linalg.norm(u)
+        line = _Line(f, x0, u)
+        stages: dict[str, float] = {}
+
+        # 1. critical points on the line ------------------------------------
+        reach = self.search_range
+        if reach is None:
+            reach = 11 if f.mode is AnswerMode.LOGITS else 3
+        kinks, values = self._find_kinks(line, unit, reach)
+        stages["queries_search"] = float(ctx.spent)
+        if not kinks:
+            raise DirectExtractionError(
+                "no critical point found on a line spanning 10^7 input norms: expected a "
+                "ReLU network with at least one hidden unit, got a function that is affine "
+                "there (use the equation-solving attack for linear models)"
+            )
+        ts = np.array(sorted(kinks))
+        logger.info("relu extraction: %d critical points on the line", len(ts))
+
+        # 2. one affine model per linear piece ------------------------------
+        pts, ell = _segment_points(ts, unit)
+        h_steps = ell / (4.0 * np.sqrt(d))
+        grads = np.empty((len(pts), k, d))
+        offs = np.empty((len(pts), k))
+        vals = np.empty((len(pts), k))
+        centers = x0[None, :] + pts[:, None] * u[None, :]
+        shrinks = 0
+        for s in range(len(pts)):
+            for _ in range(8):
+                grads[s], vals[s], ok = self._checked_jacobian(f, centers[s], h_steps[s], rng)
+                if ok:
+                    break
+                h_steps[s] /= 16.0  # a step crossed a hyperplane: the piece is narrower here
+                shrinks += 1
+            else:
+                raise NotPiecewiseLinearError(
+                    "gradient of a linear piece: expected the victim to be affine around "
+                    f"t = {pts[s]:.6g} for steps down to {h_steps[s]:.3g}, got a mismatch: the "
+                    "victim is not piecewise linear"
+                )
+        steps = np.repeat(h_steps[:, None], d, axis=1)  # (S, D) current step per column
+        stages["queries_gradients"] = float(ctx.spent) - stages["queries_search"]
+
+        requeried = 0
+        w0 = b0 = a1 = None
+        ratio = np.zeros(0)
+        keep = np.ones(len(ts), dtype=bool)
+        for _ in range(4):
+            offs = vals - np.einsum("skd,sd->sk", grads, centers)
+            w0, b0, a1, ratio, keep = _rows_from_jumps(grads, offs, centers)
+            bad = _unsafe_steps(w0, b0, centers, steps)
+            if not bad:
+                break
+            for s, cols in bad.items():
+                new = _safe_steps(w0, b0, centers[s], cols)
+                g_cols = self._columns(f, centers[s], vals[s], cols, new)
+                grads[s][:, cols] = g_cols
+                steps[s, cols] = np.abs(new)
+                requeried += len(cols)
+        assert w0 is not None and b0 is not None and a1 is not None
+        if len(ratio) and ratio.max() > 1e-6:
+            j = int(np.argmax(ratio))
+            raise DirectExtractionError(
+                f"gradient jump at critical point {j}: expected rank one (one hidden unit), got "
+                f"second/first singular value {ratio[j]:.3g}: two hyperplanes cross too close "
+                "together, or the victim is not a one-hidden-layer ReLU network"
+            )
+        stages["queries_requery"] = float(requeried)
+        stages["step_shrinks"] = float(shrinks)
+
+        # 3. absolute signs ---------------------------------------------------
+        flips = _solve_flips(w0, b0, a1, grads, centers)
+        w0[flips] *= -1.0
+        b0[flips] *= -1.0
+
+        # 4a. biases from closed-form critical points on normal lines ------
+        ts = ts[keep]  # spurious kinks (no gradient jump) are dropped
+        # base: the origin, so that b = -w·x* is insensitive to the tiny error left in w
+        b0 = self._polish_biases(f, w0, b0, np.zeros((len(ts), d)), unit)
+
+        # 4b. output layer by least squares; 4c. held-out check -------------
+        n_fit = w0.shape[0] + 1
+        x_fit = sigma * rng.standard_normal((n_fit, d))
+        y_fit = f(x_fit)
+        xs = np.vstack([centers, x_fit])
+        ys = np.vstack([vals, y_fit])
+        a1, b1 = _output_layer(w0, b0, xs, ys)
+        x_ver = sigma * rng.standard_normal((self.verify_queries, d))
+        y_ver = f(x_ver)
+        pred = np.maximum(x_ver @ w0.T + b0, 0.0) @ a1.T + b1
+        rel = float(np.abs(pred - y_ver).max() / max(np.abs(y_ver).max(), 1e-300))
+        if not rel <= self.verify_tol:
+            raise DirectExtractionError(
+                f"extracted network reproduces the victim only to relative error {rel:.3g} on "
+                f"{self.verify_queries} fresh queries (expected <= {self.verify_tol:g}): the "
+                "victim is not a one-hidden-layer ReLU network with logit outputs, or a hidden "
+                "unit was missed (e.g. two critical points too close to separate)"
+            )
+        model = relu1_model(w0, b0, a1, b1)
+        model.extraction_info = {  # type: ignore[assignment]
+            "hidden_units": float(w0.shape[0]),
+            "kinks": float(len(ts)),
+            "flipped_units": float(flips.sum()),
+            "requeried_columns": float(requeried),
+            "verify_rel_error": rel,
+            "search_points": float(values),
+            "attack_time_s": time.perf_counter() - t_start,
+            **stages,
+        }
+        logger.info("relu extraction: %d units, verify error %.3g", w0.shape[0], rel)
+        return model
+
+    def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
+        return dict(getattr(model, "extraction_info", {}))
+
+    # ====================================================== kink search
+    def _find_kinks(self, line: _Line, unit: float, reach: int) -> tuple[list[float], int]:
+        """All critical points of the line, by slope-intersection search (see module doc)."""
+        pos = unit * 4.0 ** np.arange(-5, reach + 1)
+        grid = np.concatenate([-pos[::-1], [0.0], pos])
+        dt = 1e-4 * np.maximum(np.abs(grid), unit)
+        g_all = line(np.concatenate([grid, grid + dt]))
+        n = len(grid)
+        g, g2 = g_all[:n], g_all[n:]
+        slopes = (g2 - g) / dt[:, None]
+        kinks: list[float] = []
+        n_points = 2 * n
+        stack = [(grid[i], g[i], slopes[i], grid[i + 1], g[i + 1], slopes[i + 1], 0) for i in range(n - 1)]
+        stack.reverse()
+        while stack:
+            a, ga, sa, b, gb, sb, depth = stack.pop()
+            w = b - a
+            mag = max(np.abs(ga).max(), np.abs(gb).max(), np.abs(sa).max() * w, np.abs(sb).max() * w)
+            tol = self.tol * mag + 1e-300
+            ds = sa - sb
+            if np.abs(ga + sa * w - gb).max() <= tol and np.abs(ds).max() * w <= tol:
+                continue  # one linear piece
+            rhs = gb - ga - sb * w
+            denom = float(ds @ ds)
+            tau = a + float(ds @ rhs) / denom if denom > 0 else 0.5 * (a + b)
+            gt = None
+            if a + 1e-3 * w < tau < b - 1e-3 * w:  # a kink hugging an end is found after a split
+                gt = line(np.array([tau]))[0]
+                n_points += 1
+                lhs = ga + sa * (tau - a)
+                rhs_pred = gb + sb * (tau - b)
+                on_both = max(np.abs(gt - lhs).max(), np.abs(gt - rhs_pred).max()) <= tol
+                if on_both:
+                    # with one output the end lines always meet: also check that the bend is
+                    # *at* tau (left line just before it, right line just after it)
+                    eps = min(1e-4 * max(abs(tau), unit), 0.01 * (tau - a), 0.01 * (b - tau))
+                    side = line(np.array([tau - eps, tau + eps]))
+                    n_points += 2
+                    s_left, s_right = (gt - side[0]) / eps, (side[1] - gt) / eps
+                    slack = 1e-3 * np.abs(ds).max() + 1e3 * _EPS * mag / eps
+                    on_both = np.abs(s_left - sa).max() <= slack and np.abs(s_right - sb).max() <= slack
+                if on_both:
+                    logger.debug("kink %.9g in [%.9g, %.9g] eps %.3g", tau, a, b, eps)
+                    kinks.append(tau)
+                    if len(kinks) > self.max_kinks:
+                        raise NotPiecewiseLinearError(
+                            f"critical-point search: expected at most max_kinks = {self.max_kinks} "
+                            "kinks on one line, got more; the victim is not a small ReLU network"
+                        )
+                    continue
+            stuck = n_points > 64 * (len(kinks) + 8)  # a ReLU kink costs ~5-15 queries
+            if w <= self.min_width * max(abs(a), abs(b), unit) or depth > 200 or stuck:
+                raise NotPiecewiseLinearError(
+                    "critical-point search: expected the victim to be piecewise linear along a "
+                    f"line, got a bend that does not resolve into kinks near t = {a:.6g} (the "
+                    "output curves continuously: e.g. tanh or sigmoid units, or outputs that "
+                    "are not logits)"
+                )
+            # split: at tau if it is well inside, else in the middle
+            if gt is not None and a + 0.1 * w < tau < b - 0.1 * w:
+                m, gm = tau, gt
+                dm = min(1e-4 * max(abs(m), unit), 1e-3 * w)
+                gm2 = line(np.array([m + dm]))[0]
+                n_points += 1
+            else:
+                m = 0.5 * (a + b)
+                dm = min(1e-4 * max(abs(m), unit), 1e-3 * w)
+                pair = line(np.array([m, m + dm]))
+                gm, gm2 = pair[0], pair[1]
+                n_points += 2
+            sm = (gm2 - gm) / dm
+            stack.append((m, gm, sm, b, gb, sb, depth + 1))
+            stack.append((a, ga, sa, m, gm, sm, depth + 1))
+        return kinks, n_points
+
+    # ================================================== gradients
+    @staticmethod
+    def _jacobian(f: FlatOracle, p: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Forward differences at ``p`` with per-column steps ``h``: ``(K × D, value)``."""
+        d = len(p)
+        x = np.repeat(p[None, :], d + 1, axis=0)
+        x[np.arange(1, d + 1), np.arange(d)] += h
+        y = f(x)
+        hh = x[np.arange(1, d + 1), np.arange(d)] - p  # the steps actually taken
+        return ((y[1:] - y[0]) / hh[:, None]).T, y[0]
+
+    @staticmethod
+    def _checked_jacobian(
+        f: FlatOracle, p: np.ndarray, h: float, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Forward differences with step ``h`` plus one check query at ``p + (h/√D)·ξ``.
+
+        ``ξ`` has random signs, so a column corrupted by a step that crossed a hyperplane
+        spoils the check's linear prediction (as does a crossing by the check itself):
+        the caller then retries with a smaller step. ``D + 2`` queries.
+        """
+        d = len(p)
+        x = np.repeat(p[None, :], d + 2, axis=0)
+        x[np.arange(1, d + 1), np.arange(d)] += h
+        xi = rng.choice([-1.0, 1.0], size=d) * (h / np.sqrt(d))
+        x[d + 1] += xi
+        y = f(x)
+        hh = x[np.arange(1, d + 1), np.arange(d)] - p  # the steps actually taken
+        g = ((y[1 : d + 1] - y[0]) / hh[:, None]).T
+        step = x[d + 1] - p
+        pred = y[0] + g @ step
+        scale = np.abs(y[0]).max() + np.abs(g).max() * np.abs(step).sum()
+        ok = bool(np.abs(pred - y[d + 1]).max() <= 1e-9 * scale)
+        return g, y[0], ok
+
+    @staticmethod
+    def _columns(
+        f: FlatOracle, p: np.ndarray, value: np.ndarray, cols: np.ndarray, h: np.ndarray
+    ) -> np.ndarray:
+        x = np.repeat(p[None, :], len(cols), axis=0)
+        x[np.arange(len(cols)), cols] += h
+        y = f(x)
+        hh = x[np.arange(len(cols)), cols] - p[cols]
+        return ((y - value[None, :]) / hh[:, None]).T
+
+    # ================================================== polish
+    def _polish_biases(
+        self, f: FlatOracle, w0: np.ndarray, b0: np.ndarray, crit: np.ndarray, unit: float
+    ) -> np.ndarray:
+        """Locate each unit's critical point in closed form along its own normal.
+
+        The normal line of unit ``j`` passes through the foot ``q_j`` of the perpendicular
+        from ``crit[j]`` (the base point) to the estimated hyperplane, four queries at
+        ``±δ, ±2δ`` fit the two linear pieces, and their intersection moves the bias.
+        """
+        h = w0.shape[0]
+        b_new = b0.copy()
+        # the foot of the perpendicular from the base point: near the data, so small values
+        q = crit - (np.einsum("hd,hd->h", w0, crit) + b0)[:, None] * w0  # on hyperplane j
+        z = q @ w0.T + b0  # (H, H): pre-activations of every unit at each q_j
+        cosines = w0 @ w0.T  # unit rows
+        deltas = np.empty(h)
+        for j in range(h):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                reach = np.abs(z[j] / cosines[j])  # distance along n_j to hyperplane i
+            reach[j] = np.inf
+            reach[~np.isfinite(reach)] = np.inf
+            deltas[j] = min(0.25 * float(reach.min()), unit)
+        offs = np.array([-2.0, -1.0, 1.0, 2.0])
+        x = q[:, None, :] + (offs[None, :, None] * deltas[:, None, None]) * w0[:, None, :]
+        y = f(x.reshape(-1, w0.shape[1])).reshape(h, 4, -1)
+        for j in range(h):
+            dl = deltas[j]
+            sl = (y[j, 1] - y[j, 0]) / dl
+            sr = (y[j, 3] - y[j, 2]) / dl
+            # left line through (-δ, y1), right line through (δ, y2): intersect
+            ds = sr - sl
+            den = float(ds @ ds)
+            if den <= 0:
+                continue
+            tau = float(ds @ (y[j, 1] - y[j, 2] + (sr + sl) * dl)) / den
+            if abs(tau) < dl:
+                b_new[j] = b0[j] - tau  # w·(q + τ n) + b' = 0 with w·q = -b, |w| = 1
+        return b_new
+
+
+# ====================================================================== helpers
+def _segment_points(ts: np.ndarray, unit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Middle of each linear piece and the distance to its nearest kink."""
+    m = len(ts)
+    gaps = np.diff(ts)
+    outer = max(unit, float(gaps.max()) if m > 1 else unit)
+    pts = np.concatenate([[ts[0] - outer], 0.5 * (ts[:-1] + ts[1:]), [ts[-1] + outer]])
+    ell = np.concatenate([[outer], 0.5 * gaps, [outer]])
+    return pts, ell
+
+
+def _rows_from_jumps(
+    grads: np.ndarray, offs: np.ndarray, centers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unit rows (oriented "on at larger t"), biases, output columns, rank-one residuals
+    and the mask of kinks kept.
+
+    Row ``j`` comes from the jump between pieces ``j`` and ``j + 1``. Jumps negligible
+    next to the others (a spurious kink) are dropped.
+    """
+    n = grads.shape[0] - 1
+    d = grads.shape[2]
+    w0 = np.empty((n, d))
+    b0 = np.empty(n)
+    a1 = np.empty((grads.shape[1], n))
+    ratio = np.zeros(n)
+    size = np.zeros(n)
+    for j in range(n):
+        jump = grads[j + 1] - grads[j]
+        dc = offs[j + 1] - offs[j]
+        _, sv, vt = np.linalg.svd(jump, full_matrices=False)
+        size[j] = sv[0]
+        ratio[j] = sv[1] / sv[0] if len(sv) > 1 and sv[0] > 0 else 0.0
+        w = vt[0]
+        a = jump @ w
+        b = float(a @ dc) / max(float(a @ a), 1e-300)
+        if w @ centers[j + 1] + b < 0:  # orient: active on the larger-t side
+            w, b, a = -w, -b, -a
+        # the unit turns on going right, so the jump is +a·wᵀ (the double flip keeps it)
+        w0[j], b0[j], a1[:, j] = w, b, a
+    keep = size > 1e-7 * size.max()
+    return w0[keep], b0[keep], a1[:, keep], ratio[keep], keep
+
+
+def _unsafe_steps(
+    w0: np.ndarray, b0: np.ndarray, centers: np.ndarray, steps: np.ndarray
+) -> dict[int, np.ndarray]:
+    """Columns whose finite-difference step crosses (or nearly grazes) some hyperplane."""
+    bad: dict[int, np.ndarray] = {}
+    for s in range(len(centers)):
+        z = w0 @ centers[s] + b0  # (H,)
+        moved = z[:, None] + w0 * steps[s][None, :]  # (H, D)
+        near = np.abs(moved) < 1e-3 * np.abs(z[:, None])
+        cross = (np.sign(moved) != np.sign(z[:, None])) | near
+        cols = np.nonzero(cross.any(axis=0))[0]
+        if len(cols):
+            bad[s] = cols
+    return bad
+
+
+def _safe_steps(w0: np.ndarray, b0: np.ndarray, p: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Half the distance to the nearest hyperplane along ``±e_i``, toward the roomier side."""
+    z = w0 @ p + b0
+    out = np.empty(len(cols))
+    for n, i in enumerate(cols):
+        wi = w0[:, i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reach = -z / wi  # step along e_i that reaches each hyperplane
+        up = reach[(reach > 0) & np.isfinite(reach)]
+        down = -reach[(reach < 0) & np.isfinite(reach)]
+        r_up = float(up.min()) if len(up) else np.inf
+        r_down = float(down.min()) if len(down) else np.inf
+        r = max(r_up, r_down)
+        step = 0.5 * r if np.isfinite(r) else 1.0
+        out[n] = step if r_up >= r_down else -step
+    return out
+
+
+def _solve_flips(
+    w0: np.ndarray, b0: np.ndarray, a1: np.ndarray, grads: np.ndarray, centers: np.ndarray
+) -> np.ndarray:
+    """Which units are really ``ReLU(-z)``: the residual Jacobian is ``Σ f_j a_j w_jᵀ``."""
+    h = w0.shape[0]
+    mats = np.einsum("kh,hd->hkd", a1, w0).reshape(h, -1)  # (H, K·D)
+    on = ((centers @ w0.T + b0) > 0).astype(float)  # (S, H) under the "on at larger t" guess
+    resid = (on @ mats - grads.reshape(len(grads), -1)).mean(axis=0)  # same for every piece
+    coef, *_ = np.linalg.lstsq(mats.T, resid, rcond=None)
+    flips = coef > 0.5
+    if np.abs(coef - flips).max() > 1e-3:
+        raise DirectExtractionError(
+            "sign recovery: expected each unit's flip coefficient to be 0 or 1, got values up to "
+            f"{np.abs(coef - flips).max():.3g} away: a hidden unit was missed or the victim is not "
+            "a one-hidden-layer ReLU network"
+        )
+    return flips
+
+
+def _output_layer(
+    w0: np.ndarray, b0: np.ndarray, xs: np.ndarray, ys: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares for ``A¹, B¹`` on hidden activations (rows scaled to unit size)."""
+    hid = np.maximum(xs @ w0.T + b0, 0.0)
+    design = np.hstack([hid, np.ones((len(xs), 1))])
+    scale = np.linalg.norm(design, axis=1)
+    theta, *_ = np.linalg.lstsq(design / scale[:, None], ys / scale[:, None], rcond=None)
+    return theta[:-1].T, theta[-1]
