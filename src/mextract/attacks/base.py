@@ -213,6 +213,11 @@ class Attack(ABC):
             out[f.name] = asdict(v) if is_dataclass(v) and not isinstance(v, type) else v
         return out
 
+    def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+        """The zoo name and options that rebuild ``model`` for a checkpoint; ``None`` means
+        the substitute architecture the attack was given (learning-based attacks)."""
+        return None
+
     def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
         """Attack-specific final metrics (e.g. parameter error); empty by default."""
         return {}

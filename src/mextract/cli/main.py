@@ -127,6 +127,9 @@ def attack(
     mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
     k: Annotated[int | None, typer.Option(help="Classes revealed in mode topk.")] = None,
     decimals: Annotated[int | None, typer.Option(help="Decimals kept in mode rounded.")] = None,
+    precision: Annotated[
+        str, typer.Option(help="Oracle precision: float32, or float64 for exact (direct) extraction.")
+    ] = "float32",
     substitute: Annotated[str | None, typer.Option(help="Substitute architecture.")] = None,
     pool_data: Annotated[Path | None, typer.Option(help="Attacker pool: .npz or image folder.")] = None,
     test_data: Annotated[Path | None, typer.Option(help="Test set: .npz or image folder.")] = None,

@@ -38,7 +38,7 @@ class Record(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)
     versions: dict[str, str] = Field(default_factory=versions)
-    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="microseconds"))
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)

@@ -20,7 +20,7 @@ def results_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]
         if r.kind == "victim":
             header.append(
                 f"victim: {r.name} on {r.config.get('dataset')} "
-                f"({r.config.get('split', {}).get('victim_train', '?')} training images), "
+                f"({r.config.get('split', {}).get('victim_train', '?')} training examples), "
                 f"test accuracy {_pct(r.metrics.get('test_accuracy'))}"
             )
     rows = [

@@ -13,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mextract._utils import seeded
 from mextract.attacks import AttackResult, create_attack
 from mextract.attacks.base import Callback
 from mextract.data import load_splits
-from mextract.errors import DataError, MextractError
+from mextract.errors import DataError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
 from mextract.metrics import Evaluator, accuracy
 from mextract.models import create_model, default_model_for, load_checkpoint, save_checkpoint
@@ -101,6 +103,7 @@ def attack_run(
     mode: str = "probs",
     k: int | None = None,
     decimals: int | None = None,
+    precision: str = "float32",
     substitute: str | None = None,
     seed: int = 0,
     pool_data: str | Path | None = None,
@@ -121,6 +124,9 @@ def attack_run(
     """
     net, meta = load_checkpoint(victim)
     answer_mode = AnswerMode.parse(mode)
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if precision not in dtypes:
+        raise UnknownNameError("precision", precision, list(dtypes))
     config: dict[str, Any] = {
         "victim": str(Path(victim).resolve()),
         "victim_architecture": meta["architecture"],
@@ -131,6 +137,7 @@ def attack_run(
         "mode": answer_mode.value,
         "k": k,
         "decimals": decimals,
+        "precision": precision,
         "substitute": substitute or default_model_for(meta["input_shape"]),
         "pool_data": None if pool_data is None else str(pool_data),
         "test_data": None if test_data is None else str(test_data),
@@ -150,7 +157,8 @@ def attack_run(
     splits = load_splits(dataset, seed=split_seed, root=data_root or meta.get("data_root"),
                          pool_data=pool_data, test_data=test_data)  # fmt: skip
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
-                          mode=answer_mode, k=k, decimals=decimals, device=device)  # fmt: skip
+                          mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
+                          device=device)  # fmt: skip
     evaluator = Evaluator.from_victim(net, splits.test, device=device)
     result = atk(oracle, splits.pool.unlabeled(), budget, substitute=config["substitute"],
                  evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
@@ -158,13 +166,20 @@ def attack_run(
         raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
     record = attack_record(result, config, seed, evaluator)
     if out is not None and record_path is not None:
+        arch, options = atk.model_spec(result.model) or (config["substitute"], {})
         save_checkpoint(
             Path(out) / f"substitute-{stem[len('attack-'):]}",
             result.model,
-            {"architecture": config["substitute"], "input_shape": meta["input_shape"],
-             "num_classes": meta["num_classes"], "attack": attack, "seed": seed,
-             "metrics": record.metrics},
-        )  # fmt: skip
+            {
+                "architecture": arch,
+                "options": options,
+                "input_shape": meta["input_shape"],
+                "num_classes": meta["num_classes"],
+                "attack": attack,
+                "seed": seed,
+                "metrics": record.metrics,
+            },
+        )
         record.save(record_path)
     return record
 

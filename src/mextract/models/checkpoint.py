@@ -27,6 +27,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    first = next(model.parameters(), None)
+    meta = {**meta, "dtype": str(first.dtype).removeprefix("torch.") if first is not None else "float32"}
     save_file(state, str(d / WEIGHTS))
     (d / META).write_text(json.dumps(meta, indent=2, default=str))
     return d
@@ -47,5 +49,7 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     except (json.JSONDecodeError, KeyError) as exc:
         raise DataError(f"{d / META}: malformed checkpoint metadata ({exc})") from exc
+    if meta.get("dtype") == "float64":  # e.g. parameters recovered exactly by direct extraction
+        model = model.double()
     model.load_state_dict(load_file(str(d / WEIGHTS)))
     return model.eval(), meta

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -97,6 +97,9 @@ class EquationSolving(Attack):
             )
 
     # ------------------------------------------------------------------ run
+    def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]]:
+        return "logreg", {}
+
     def run(self, ctx: AttackContext) -> nn.Module:
         oracle = ctx.oracle
         rng = np.random.default_rng(ctx.seed)

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -158,6 +158,9 @@ class ReLUCryptanalysis(Attack):
             )
 
     # ================================================================== run
+    def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]]:
+        return "relu1", {"hidden": int(model[-1].in_features)}
+
     def run(self, ctx: AttackContext) -> nn.Module:
         t_start = time.perf_counter()
         f = FlatOracle(ctx.oracle)
