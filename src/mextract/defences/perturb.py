@@ -1,0 +1,332 @@
+"""Output-perturbation defences: wrappers that change what an oracle reveals.
+
+Each defence is an :class:`~mextract.oracle.OracleWrapper`: it asks the inner oracle
+(which must answer ``logits`` or ``probs``, the full information), transforms the answer,
+and is itself an oracle, so defences stack (``TopK(ReverseSigmoid(oracle), k=3)``) and
+every attack runs against a defended victim unchanged. The inner ledger counts each
+sample once, whatever the stack. With identity parameters every defence answers
+exactly like the undefended oracle in the same mode.
+
+Covered (IBM ART's postprocessor checklist, plus the strongest published ones):
+honey labels (the sources), top-k, rounding, label-only, reverse sigmoid (Lee et al.
+2019), ε-differentially-private noise, prediction poisoning (MAD; Orekondy et al.
+ICLR 2020) and adaptive misinformation (Kariyappa & Qureshi, CVPR 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mextract.errors import InputError, UnknownNameError
+from mextract.oracle import AnswerMode, Oracle, OracleWrapper, restrict
+
+
+def _inner_logits(inner: Oracle, x: torch.Tensor) -> torch.Tensor:
+    """The inner oracle's answer as logits (up to a per-row constant for ``probs``)."""
+    answers = inner.query(x)
+    if inner.mode is AnswerMode.LOGITS:
+        return answers
+    return torch.log(answers.clamp_min(torch.finfo(answers.dtype).tiny))
+
+
+def _check_inner(inner: Oracle, defence: str) -> None:
+    if not isinstance(inner, Oracle):
+        raise InputError(f"{defence}: expected an Oracle to wrap, got {type(inner).__name__}")
+    if inner.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
+        raise InputError(
+            f"{defence}: expected an inner oracle answering 'logits' or 'probs', got {inner.mode.value!r} "
+            "(a defence needs the full answer to perturb it)"
+        )
+
+
+class _Perturbation(OracleWrapper):
+    """A defence that maps the inner logits to an answer in ``self.mode``."""
+
+    def __init__(self, inner: Oracle, *, mode: AnswerMode | str) -> None:
+        _check_inner(inner, type(self).__name__)
+        super().__init__(inner, mode=mode)
+
+    def _answer(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform(_inner_logits(self.inner, x), x)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The answer for inner ``logits`` on queries ``x``."""
+        raise NotImplementedError
+
+
+class TopK(_Perturbation):
+    """Reveal only the ``k`` largest probabilities (zeros elsewhere). ``k = K`` is identity."""
+
+    def __init__(self, inner: Oracle, *, k: int = 1) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise InputError(f"k: expected an integer >= 1, got {k!r}")
+        self.k = k
+        super().__init__(inner, mode=AnswerMode.TOPK)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return restrict(logits, AnswerMode.TOPK, k=self.k)
+
+
+class Rounding(_Perturbation):
+    """Round the probability vector to ``decimals`` decimal places (Tramèr et al. 2016)."""
+
+    def __init__(self, inner: Oracle, *, decimals: int = 2) -> None:
+        if not isinstance(decimals, int) or decimals < 0:
+            raise InputError(f"decimals: expected an integer >= 0, got {decimals!r}")
+        self.decimals = decimals
+        super().__init__(inner, mode=AnswerMode.ROUNDED)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return restrict(logits, AnswerMode.ROUNDED, decimals=self.decimals)
+
+
+class LabelOnly(_Perturbation):
+    """Reveal only the top-1 class (as a one-hot vector)."""
+
+    def __init__(self, inner: Oracle) -> None:
+        super().__init__(inner, mode=AnswerMode.LABEL)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return restrict(logits, AnswerMode.LABEL)
+
+
+class HoneyLabels(_Perturbation):
+    """The sources' stage-3 defence: when the victim is unsure — its top-1/top-2 logit
+    margin is below ``threshold`` (the sources: 1.5) — answer the top-2 class instead.
+
+    The margin is read in logits; from a ``probs`` inner oracle it is
+    ``log p₁ − log p₂``, the same number. ``output="label"`` answers one-hot labels (the
+    sources' hard-label API); ``output="probs"`` swaps the top-1 and top-2 probabilities
+    so that the answer stays a plausible distribution. ``threshold = 0`` is identity.
+    """
+
+    def __init__(self, inner: Oracle, *, threshold: float = 1.5, output: str = "label") -> None:
+        if not threshold >= 0:
+            raise InputError(f"threshold: expected a number >= 0, got {threshold}")
+        if output not in ("label", "probs"):
+            raise UnknownNameError("honey-label output", output, ["label", "probs"])
+        self.threshold = float(threshold)
+        super().__init__(inner, mode=output)
+
+    def flipped(self, logits: torch.Tensor) -> torch.Tensor:
+        """Which rows get the honey label (margin strictly below the threshold)."""
+        top2 = logits.topk(2, dim=1).values
+        return (top2[:, 0] - top2[:, 1]) < self.threshold
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        flip = self.flipped(logits)
+        order = logits.topk(2, dim=1).indices
+        if self.mode is AnswerMode.LABEL:
+            label = torch.where(flip, order[:, 1], order[:, 0])
+            return F.one_hot(label, logits.shape[1]).to(logits.dtype)
+        probs = torch.softmax(logits, dim=1)
+        i, j = order[:, 0:1], order[:, 1:2]
+        swapped = probs.clone()
+        swapped.scatter_(1, i, probs.gather(1, j)).scatter_(1, j, probs.gather(1, i))
+        return torch.where(flip[:, None], swapped, probs)
+
+
+class ReverseSigmoid(_Perturbation):
+    """Reverse sigmoid (Lee et al., "Defending against NN model stealing attacks using
+    deceptive perturbations", IEEE S&P Workshops 2019), as IBM ART implements it:
+    ``r = β·(σ(γ·σ⁻¹(p)) − ½)``, answer ``p − r`` clipped to [0, 1] and renormalised.
+    It keeps the argmax for honest users while making the probability-to-logit map
+    non-invertible. ``β = 0`` is identity; ART's defaults β = 1, γ = 0.1.
+    """
+
+    def __init__(self, inner: Oracle, *, beta: float = 1.0, gamma: float = 0.1) -> None:
+        if not beta >= 0 or not gamma > 0:
+            raise InputError(f"expected beta >= 0 and gamma > 0, got beta={beta}, gamma={gamma}")
+        self.beta, self.gamma = float(beta), float(gamma)
+        super().__init__(inner, mode=AnswerMode.PROBS)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits, dim=1)
+        if self.beta == 0:
+            return p
+        eps = 1e-6 if p.dtype == torch.float32 else 1e-12
+        q = p.clamp(eps, 1 - eps)
+        r = self.beta * (torch.sigmoid(self.gamma * torch.log(q / (1 - q))) - 0.5)
+        out = (p - r).clamp(0, 1)
+        total = out.sum(1, keepdim=True)
+        return torch.where(total > 0, out / total.clamp_min(eps), p)
+
+
+class NoisyProbabilities(_Perturbation):
+    """ε-differentially-private answers: noise on the probability vector.
+
+    Two probability vectors differ by at most 2 in L1 and √2 in L2 norm, so the
+    Laplace mechanism adds ``Lap(2/ε)`` per entry (ε-DP per query) and the Gaussian
+    mechanism ``N(0, σ²)`` with ``σ = √2·√(2 ln(1.25/δ))/ε`` ((ε, δ)-DP per query, valid
+    for ε < 1; Dwork & Roth 2014, Thm. A.1). Clipping to [0, 1] and renormalising is
+    post-processing and keeps the guarantee. Noise is drawn from the defence's own
+    seeded generator. ``epsilon = inf`` is identity. The guarantee is per query: an
+    attacker who repeats a query averages the noise away (composition), which is why
+    ``budget`` at the oracle matters.
+    """
+
+    def __init__(
+        self,
+        inner: Oracle,
+        *,
+        epsilon: float,
+        mechanism: str = "laplace",
+        delta: float = 1e-5,
+        seed: int = 0,
+    ) -> None:
+        if not epsilon > 0:
+            raise InputError(f"epsilon: expected a positive number (or inf), got {epsilon}")
+        if mechanism not in ("laplace", "gaussian"):
+            raise UnknownNameError("noise mechanism", mechanism, ["laplace", "gaussian"])
+        if mechanism == "gaussian" and math.isfinite(epsilon) and not (epsilon < 1 and 0 < delta < 1):
+            raise InputError(
+                f"the Gaussian mechanism needs epsilon < 1 and 0 < delta < 1, got {epsilon} and {delta}"
+            )
+        self.epsilon, self.mechanism, self.delta = float(epsilon), mechanism, float(delta)
+        self.generator = torch.Generator().manual_seed(seed)
+        super().__init__(inner, mode=AnswerMode.PROBS)
+
+    @property
+    def scale(self) -> float:
+        """Laplace scale b, or Gaussian standard deviation σ."""
+        if not math.isfinite(self.epsilon):
+            return 0.0
+        if self.mechanism == "laplace":
+            return 2.0 / self.epsilon
+        return math.sqrt(2.0) * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(logits, dim=1)
+        if self.scale == 0.0:
+            return p
+        u = torch.rand(p.shape, generator=self.generator, dtype=torch.float64)
+        if self.mechanism == "laplace":
+            noise = -self.scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
+        else:
+            noise = self.scale * torch.randn(p.shape, generator=self.generator, dtype=torch.float64)
+        out = (p.double() + noise).clamp(0, 1)
+        total = out.sum(1, keepdim=True)
+        uniform = torch.full_like(out, 1.0 / out.shape[1])
+        return torch.where(total > 0, out / total.clamp_min(1e-12), uniform).to(p.dtype)
+
+
+class PredictionPoisoning(_Perturbation):
+    """MAD prediction poisoning (Orekondy, Schiele & Fritz, ICLR 2020).
+
+    Perturb the answer ``y`` to ``ỹ`` with ``‖ỹ − y‖₁ ≤ ε`` so that the gradient an
+    attacker's model would take on ``ỹ`` points as far as possible from the one it would
+    take on ``y``. The attacker's model is unknown: a *surrogate* stands in for it (the
+    paper uses a randomly initialised model of a plausible architecture). Choices:
+
+    * the gradient is taken w.r.t. the surrogate's **last linear layer**, where it has a
+      closed form, ``G·v = (v − s) ⊗ h`` for a target ``v``, surrogate softmax ``s`` and
+      penultimate features ``h``. The angular deviation between unit gradients then
+      depends only on ``(v − s)/‖v − s‖``, so the search is exact and batched;
+    * candidates ``ỹ_k = (1 − α_k)·y + α_k·e_k`` with the largest ``α_k ≤ 1`` that keeps
+      ``‖ỹ_k − y‖₁ ≤ ε`` (the paper's bisection has this closed form on a segment); the
+      answer is the candidate of largest angular deviation;
+    * ``argmax=True`` is the paper's MAD-argmax: only vertices that keep the top-1 class
+      (``α`` capped so that it holds) are allowed, so honest users' labels never change.
+
+    ``epsilon = 0`` is identity.
+    """
+
+    def __init__(
+        self,
+        inner: Oracle,
+        *,
+        surrogate: nn.Module,
+        epsilon: float = 1.0,
+        argmax: bool = False,
+    ) -> None:
+        if not 0 <= epsilon <= 2:
+            raise InputError(f"epsilon: expected an L1 budget in [0, 2], got {epsilon}")
+        if not isinstance(surrogate, nn.Sequential) or not isinstance(surrogate[-1], nn.Linear):
+            raise InputError("surrogate: expected an nn.Sequential ending in an nn.Linear (a zoo model)")
+        self.surrogate = surrogate.eval()
+        self.epsilon, self.argmax = float(epsilon), argmax
+        super().__init__(inner, mode=AnswerMode.PROBS)
+
+    @torch.no_grad()
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = torch.softmax(logits, dim=1)
+        if self.epsilon == 0:
+            return y
+        dtype = next(self.surrogate.parameters()).dtype
+        s = torch.softmax(self.surrogate(x.to(dtype)), dim=1).to(y.dtype)
+        k = y.shape[1]
+        eye = torch.eye(k, dtype=y.dtype)
+        top = y.argmax(1)
+        vertices = torch.arange(k).expand(len(y), k)  # (N, K): every candidate target e_k
+        dist = (eye[None] - y[:, None, :]).abs().sum(2).clamp_min(1e-12)  # ‖e_k − y‖₁
+        alpha = (self.epsilon / dist).clamp(max=1.0)  # (N, K)
+        if self.argmax:
+            alpha = torch.minimum(alpha, _argmax_cap(y[:, None, :], vertices, top[:, None]))
+        cand = (1 - alpha[..., None]) * y[:, None, :] + alpha[..., None] * eye[None]  # (N, K, K)
+        u_y = F.normalize(y - s, dim=1)
+        u_c = F.normalize(cand - s[:, None, :], dim=2)
+        best = (u_c - u_y[:, None, :]).norm(dim=2).argmax(1)  # largest angular deviation
+        return cand[torch.arange(len(y)), best]
+
+
+def _argmax_cap(y: torch.Tensor, k: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Largest α keeping ``argmax((1−α)y + α e_k) = top`` (1 when ``k = top``).
+
+    Shapes broadcast: ``y (N, 1, K)``, ``k (N, K)`` candidate classes, ``top (N, 1)``."""
+    yt = y[..., 0, :].gather(1, top)  # (N, 1)
+    yk = y[..., 0, :].gather(1, k)  # (N, K)
+    # (1−α) yt > (1−α) yk + α  ⇔  α < (yt − yk) / (1 + yt − yk); stay just inside
+    cap = (yt - yk) / (1 + yt - yk) * (1 - 1e-6)
+    return torch.where(k == top, torch.ones_like(cap), cap.clamp(min=0))
+
+
+class AdaptiveMisinformation(_Perturbation):
+    """Adaptive misinformation (Kariyappa & Qureshi, CVPR 2020).
+
+    Extraction queries tend to be out of distribution; the victim's maximum softmax
+    probability (MSP) flags them (Hendrycks & Gimpel 2017). The answer blends the true
+    prediction with a *misinformation* model's, more so the less confident the victim:
+    ``ỹ = (1 − α)·y + α·ŷ_mis``, ``α = σ(ν·(τ − MSP))`` (the paper's reverse sigmoid on
+    the OOD score; ν its sharpness). ``ŷ_mis`` comes from a model trained to put low
+    probability on the correct class (:func:`misinformation_loss`). In-distribution
+    queries with MSP well above τ are answered almost unchanged. ``tau = 0`` is identity.
+    """
+
+    def __init__(
+        self,
+        inner: Oracle,
+        *,
+        misinformation: nn.Module,
+        tau: float = 0.5,
+        nu: float = 1000.0,
+    ) -> None:
+        if not 0 <= tau <= 1 or not nu > 0:
+            raise InputError(f"expected tau in [0, 1] and nu > 0, got tau={tau}, nu={nu}")
+        self.misinformation = misinformation.eval()
+        self.tau, self.nu = float(tau), float(nu)
+        super().__init__(inner, mode=AnswerMode.PROBS)
+
+    def transform(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = torch.softmax(logits, dim=1)
+        if self.tau == 0:
+            return y
+        with torch.no_grad():
+            dtype = next(self.misinformation.parameters()).dtype
+            mis = torch.softmax(self.misinformation(x.to(dtype)), dim=1).to(y.dtype)
+        alpha = torch.sigmoid(self.nu * (self.tau - y.max(1).values))
+        return (1 - alpha[:, None]) * y + alpha[:, None] * mis
+
+
+def misinformation_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Kariyappa & Qureshi's misinformation objective: ``−log(1 − p_y)``, minimised when
+    the model puts no probability on the correct class."""
+    p = torch.softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+    return -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+
+
+DefenceFactory = Callable[[Oracle], Oracle]
