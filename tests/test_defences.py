@@ -153,3 +153,41 @@ def test_defences_need_a_full_answer() -> None:
         TopK(lambda x: x, k=2)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="k"):
         TopK(identity_victim(), k=0)
+
+
+def test_pgd_stays_in_the_ball_and_raises_the_loss(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    from mextract.defences.adversarial import PGDConfig, pgd
+
+    x, y = digits_splits.test.x[:64], digits_splits.test.y[:64]
+    cfg = PGDConfig(eps=0.1, alpha=0.03, steps=5)
+    adv = pgd(digits_victim, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    clean = torch.nn.functional.cross_entropy(digits_victim(x), y)
+    assert torch.nn.functional.cross_entropy(digits_victim(adv), y) > clean + 0.5
+    with pytest.raises(InputError, match="steps"):
+        PGDConfig(steps=0)
+
+
+def test_adversarial_training_makes_the_victim_more_robust(digits_splits) -> None:  # type: ignore[no-untyped-def]
+    from mextract.defences.adversarial import PGDConfig, adversarial_training, pgd
+    from mextract.models import create_model
+    from mextract.training import TrainConfig, VictimRecipe, train_victim
+
+    recipe = VictimRecipe(train=TrainConfig(epochs=6, batch_size=64, lr=0.05), augment="none")
+    cfg = PGDConfig(eps=0.1, alpha=0.05, steps=2)
+    torch.manual_seed(0)
+    plain = train_victim(create_model("cnn", (1, 8, 8), 10), digits_splits.victim_train, recipe, seed=0)
+    torch.manual_seed(0)
+    robust = adversarial_training(
+        create_model("cnn", (1, 8, 8), 10), digits_splits.victim_train, recipe, attack=cfg, seed=0
+    )
+    x, y = digits_splits.test.x, digits_splits.test.y
+
+    def robust_acc(m: nn.Module) -> float:
+        adv = pgd(
+            m, x, y, PGDConfig(eps=0.1, alpha=0.04, steps=3), generator=torch.Generator().manual_seed(1)
+        )
+        return float((m(adv).argmax(1) == y).float().mean())
+
+    assert robust_acc(robust) > robust_acc(plain) + 0.1
+    assert float((robust(x).argmax(1) == y).float().mean()) > 0.8
