@@ -191,3 +191,23 @@ def test_adversarial_training_makes_the_victim_more_robust(digits_splits) -> Non
 
     assert robust_acc(robust) > robust_acc(plain) + 0.1
     assert float((robust(x).argmax(1) == y).float().mean()) > 0.8
+
+
+def test_defence_registry_builds_and_stacks_from_specs(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    from mextract.defences.registry import DEFENCES, Owner, build_defence, honest_accuracy
+
+    owner = Owner(victim=digits_victim, train=digits_splits.victim_train, architecture="cnn")
+    plain = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10, mode="logits")
+    d = build_defence('reverse_sigmoid:{"beta": 0.5}+topk:{"k": 2}', plain, owner)
+    assert isinstance(d, TopK) and isinstance(d.inner, ReverseSigmoid) and d.inner.beta == 0.5
+    mad = build_defence('mad:{"epsilon": 1e+0}', plain, owner)
+    assert isinstance(mad, PredictionPoisoning)
+    assert build_defence("none", plain, owner) is plain
+    assert honest_accuracy(build_defence("honey", plain, owner), digits_splits.test) < honest_accuracy(
+        plain, digits_splits.test
+    )
+    with pytest.raises(UnknownNameError, match="unknown defence 'honeypot'"):
+        build_defence("honeypot", plain, owner)
+    with pytest.raises(InputError, match="bad options"):
+        build_defence('topk:{"kk": 2}', plain, owner)
+    assert {"honey", "mad", "dp_noise", "adaptive_misinformation"} <= set(DEFENCES)

@@ -6,13 +6,21 @@ from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
 from mextract.attacks.base import Attack
+from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
+from mextract.attacks.soft import ErasingDistillation
+from mextract.attacks.spsg import SPSG
 from mextract.errors import InputError, UnknownNameError
 
 ATTACKS: dict[str, type[Attack]] = {
     KnockoffDistillation.name: KnockoffDistillation,
     HardLabel.name: HardLabel,
+    ErasingDistillation.name: ErasingDistillation,
+    SPSG.name: SPSG,
+    ActiveExtraction.name: ActiveExtraction,
+    Marich.name: Marich,
+    ActiveHard.name: ActiveHard,
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
 }

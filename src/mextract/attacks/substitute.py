@@ -100,5 +100,15 @@ def train_substitute(
         ctx.emit(stage="train", done=epoch, total=config.epochs, **scores)
 
     seed = int(torch.randint(2**31 - 1, (1,), generator=ctx.generator))
-    return fit(sub, x, targets, loss, config, seed=seed, device=ctx.device,
-               transform=transform, on_epoch=on_epoch)  # fmt: skip
+    return fit(
+        sub,
+        x,
+        targets,
+        loss,
+        config,
+        batch_loss=batch_loss,
+        seed=seed,
+        device=ctx.device,
+        transform=transform,
+        on_epoch=on_epoch,
+    )

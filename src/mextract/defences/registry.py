@@ -1,0 +1,142 @@
+"""Defences by name, so that the command line and the attack × defence matrix can build
+them from a short spec: ``name`` or ``name:{json options}`` (e.g. ``honey:{"threshold": 1.5}``).
+
+Some defences need the owner's side: prediction poisoning a surrogate model (the paper:
+a randomly initialised network of a plausible attacker architecture), adaptive
+misinformation a misinformation model trained on the owner's data. :class:`Owner`
+carries what the owner has — the victim, its training data — and builds those.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mextract._utils import seeded
+from mextract.data.base import Dataset
+from mextract.defences.perturb import (
+    AdaptiveMisinformation,
+    HoneyLabels,
+    LabelOnly,
+    NoisyProbabilities,
+    PredictionPoisoning,
+    ReverseSigmoid,
+    Rounding,
+    TopK,
+    misinformation_loss,
+)
+from mextract.errors import InputError, UnknownNameError
+from mextract.oracle import Oracle
+from mextract.training import TrainConfig, fit
+
+
+@dataclass
+class Owner:
+    """What the model owner has when deploying a defence."""
+
+    victim: nn.Module
+    train: Dataset
+    architecture: str
+    seed: int = 0
+    device: str | None = None
+
+    def surrogate(self) -> nn.Module:
+        from mextract.models import create_model
+
+        with seeded(self.seed + 7):
+            return create_model(self.architecture, self.train.input_shape, self.train.num_classes).eval()
+
+    def misinformation_model(self, epochs: int = 10) -> nn.Module:
+        """A model of the victim's architecture trained to avoid the correct class."""
+        from mextract.models import create_model
+
+        if self.train.y is None:
+            raise InputError("adaptive misinformation needs the owner's labelled training data")
+        with seeded(self.seed + 11):
+            model = create_model(self.architecture, self.train.input_shape, self.train.num_classes)
+        config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05)
+        return fit(
+            model, self.train.x, self.train.y, misinformation_loss, config, seed=self.seed, device="cpu"
+        )
+
+
+Builder = Callable[[Oracle, Owner, dict[str, Any]], Oracle]
+
+
+def _simple(cls: Callable[..., Oracle]) -> Builder:
+    return lambda inner, owner, opts: cls(inner, **opts)
+
+
+def _mad(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+    return PredictionPoisoning(inner, surrogate=owner.surrogate(), **opts)
+
+
+def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+    epochs = int(opts.pop("epochs", 10))
+    return AdaptiveMisinformation(inner, misinformation=owner.misinformation_model(epochs), **opts)
+
+
+DEFENCES: dict[str, Builder] = {
+    "none": lambda inner, owner, opts: inner,
+    "honey": _simple(HoneyLabels),
+    "topk": _simple(TopK),
+    "rounding": _simple(Rounding),
+    "label_only": _simple(LabelOnly),
+    "reverse_sigmoid": _simple(ReverseSigmoid),
+    "dp_noise": _simple(NoisyProbabilities),
+    "mad": _mad,
+    "adaptive_misinformation": _misinformation,
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:{json}"`` → ``(name, options)``."""
+    name, sep, rest = spec.partition(":")
+    if not sep:
+        return name, {}
+    try:
+        options = json.loads(rest)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"defence spec {spec!r}: expected name:{{json options}} ({exc})") from exc
+    if not isinstance(options, dict):
+        raise InputError(f"defence spec {spec!r}: expected a JSON object of options")
+    return name, options
+
+
+def _split_stack(spec: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(spec):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "+" and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    return [*parts, spec[start:]]
+
+
+def build_defence(spec: str, inner: Oracle, owner: Owner) -> Oracle:
+    """Wrap ``inner`` in the defence named by ``spec``; stack several with ``+``
+    (``"reverse_sigmoid+topk:{\\"k\\": 3}"``, applied left to right)."""
+    oracle = inner
+    for part in _split_stack(spec):
+        name, options = parse_spec(part.strip())
+        if name not in DEFENCES:
+            raise UnknownNameError("defence", name, sorted(DEFENCES))
+        try:
+            oracle = DEFENCES[name](oracle, owner, dict(options))
+        except TypeError as exc:
+            raise InputError(f"defence {name!r}: bad options {sorted(options)}: {exc}") from exc
+    return oracle
+
+
+@torch.no_grad()
+def honest_accuracy(oracle: Oracle, test: Dataset) -> float:
+    """Utility for honest users: accuracy of the (defended) answers' top-1 on the test set."""
+    if test.y is None:
+        raise InputError(f"{test.name}: utility needs labels")
+    return float((oracle.query(test.x).argmax(1) == test.y).float().mean())
