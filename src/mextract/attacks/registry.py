@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
-from mextract.attacks.base import Attack
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
+from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
 from mextract.attacks.soft import ErasingDistillation
