@@ -118,3 +118,14 @@ def test_attack_registry() -> None:
         create_attack("kdd")
     with pytest.raises(InputError, match="bad options"):
         create_attack("kd", tempreature=2.0)
+
+
+@pytest.mark.parametrize("attack", ["kd", "hard"])
+def test_semi_supervised_option_spends_no_query(digits_splits, digits_victim, attack) -> None:  # type: ignore[no-untyped-def]
+    victim = Counting(digits_victim)
+    oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="probs")
+    ev = Evaluator.from_victim(digits_victim, digits_splits.test)
+    atk = create_attack(attack, semi={}, train={"epochs": 10, "batch_size": 32})
+    result = atk(oracle, digits_splits.pool, 200, evaluator=ev, seed=0)
+    assert result.queries == oracle.ledger.count == victim.evaluated == 200
+    assert result.metrics["fidelity"] > 0.8

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from mextract.attacks.base import Attack, AttackContext
+from mextract.attacks.semi import SemiSupervised, train_semi
 from mextract.attacks.substitute import (
     hard_targets,
     query_pool,
@@ -33,11 +35,13 @@ class KnockoffDistillation(Attack):
     drawn uniformly without replacement — Papernot/Knockoff-style random querying.
     Soft answer modes (probs, top-k, rounded, logits) are read as probability vectors;
     against a label-only oracle the loss reduces to cross-entropy on one-hot targets.
+    ``semi`` adds FixMatch on the unqueried pool (no extra query; :mod:`~mextract.attacks.semi`).
     """
 
     name: ClassVar[str] = "kd"
     temperature: float = 3.0
     train: TrainConfig = SUBSTITUTE_TRAINING
+    semi: SemiSupervised | None = None
 
     def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
         if not self.temperature > 0:
@@ -45,21 +49,39 @@ class KnockoffDistillation(Attack):
 
     def run(self, ctx: AttackContext) -> nn.Module:
         assert ctx.pool is not None
-        x = ctx.pool[random_subset(ctx, ctx.budget)]
+        chosen = random_subset(ctx, ctx.budget)
+        x = ctx.pool[chosen]
         targets = soft_targets(query_pool(ctx, x), ctx, self.temperature)
+        if self.semi is not None:
+            rest = _unqueried(ctx.pool, chosen)
+            return train_semi(ctx, x, targets, rest, self.semi, soft=True, temperature=self.temperature,
+                              config=self.train)  # fmt: skip
         return train_substitute(ctx, x, targets, soft=True, temperature=self.temperature, config=self.train)
 
 
 @dataclass(kw_only=True)
 class HardLabel(Attack):
     """Stage-2 baseline ("basic"): query a random subset of the pool for its top-1 labels,
-    train with cross-entropy. Only the argmax of each answer is used, whatever the mode."""
+    train with cross-entropy. Only the argmax of each answer is used, whatever the mode.
+    ``semi`` adds FixMatch on the unqueried pool (no extra query)."""
 
     name: ClassVar[str] = "hard"
     train: TrainConfig = SUBSTITUTE_TRAINING
+    semi: SemiSupervised | None = None
 
     def run(self, ctx: AttackContext) -> nn.Module:
         assert ctx.pool is not None
-        x = ctx.pool[random_subset(ctx, ctx.budget)]
+        chosen = random_subset(ctx, ctx.budget)
+        x = ctx.pool[chosen]
         targets = hard_targets(query_pool(ctx, x))
+        if self.semi is not None:
+            rest = _unqueried(ctx.pool, chosen)
+            return train_semi(ctx, x, targets, rest, self.semi, soft=False, config=self.train)
         return train_substitute(ctx, x, targets, soft=False, config=self.train)
+
+
+def _unqueried(pool: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The pool points that were not sent to the oracle (for semi-supervised training)."""
+    mask = torch.ones(len(pool), dtype=torch.bool)
+    mask[chosen] = False
+    return pool[mask]

@@ -9,6 +9,7 @@ from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
+from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
 from mextract.errors import InputError, UnknownNameError
@@ -26,22 +27,31 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
+#: Optional nested settings that are ``None`` by default, built from a dict of options.
+NESTED: dict[str, Any] = {"semi": SemiSupervised}
+
+
 def create_attack(name: str, **options: Any) -> Attack:
     """Build a registered attack, e.g. ``create_attack("kd", temperature=3.0)``.
 
     Nested settings may be given as dicts that override the defaults field by field,
-    e.g. ``create_attack("kd", train={"epochs": 20})``.
+    e.g. ``create_attack("kd", train={"epochs": 20})``; ``semi={}`` turns on
+    semi-supervised training with its defaults.
     """
     if name not in ATTACKS:
         raise UnknownNameError("attack", name, sorted(ATTACKS))
     cls = ATTACKS[name]
     defaults = {f.name: f.default for f in fields(cls) if is_dataclass(f.default)}
     for key, value in options.items():
-        if key in defaults and isinstance(value, dict):  # e.g. train={"epochs": 20}
-            try:
+        if not isinstance(value, dict):
+            continue
+        try:
+            if key in defaults:  # e.g. train={"epochs": 20}: override the default field by field
                 options[key] = replace(defaults[key], **value)  # type: ignore[type-var]
-            except TypeError as exc:
-                raise InputError(f"attack {name!r}: bad {key} options {sorted(value)}: {exc}") from exc
+            elif key in NESTED:  # e.g. semi={} turns the option on with its defaults
+                options[key] = NESTED[key](**value)
+        except TypeError as exc:
+            raise InputError(f"attack {name!r}: bad {key} options {sorted(value)}: {exc}") from exc
     try:
         return cls(**options)
     except TypeError as exc:
