@@ -9,6 +9,7 @@ from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
+from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup
 from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
@@ -17,6 +18,9 @@ from mextract.errors import InputError, UnknownNameError
 ATTACKS: dict[str, type[Attack]] = {
     KnockoffDistillation.name: KnockoffDistillation,
     HardLabel.name: HardLabel,
+    HardAugment.name: HardAugment,
+    HardBoundary.name: HardBoundary,
+    HardMixup.name: HardMixup,
     ErasingDistillation.name: ErasingDistillation,
     SPSG.name: SPSG,
     ActiveExtraction.name: ActiveExtraction,

@@ -1,5 +1,7 @@
 """Defences: wrappers around an oracle that are themselves oracles, so they stack."""
 
+from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient
+from mextract.defences.ownership import DawnWatermark, TriggerWatermark, watermark_training_set
 from mextract.defences.perturb import (
     AdaptiveMisinformation,
     HoneyLabels,
@@ -14,12 +16,18 @@ from mextract.defences.perturb import (
 
 __all__ = [
     "AdaptiveMisinformation",
+    "DawnWatermark",
+    "ExtractionDetectedError",
     "HoneyLabels",
     "LabelOnly",
     "NoisyProbabilities",
+    "Prada",
+    "PradaClient",
     "PredictionPoisoning",
     "ReverseSigmoid",
     "Rounding",
     "TopK",
+    "TriggerWatermark",
     "misinformation_loss",
+    "watermark_training_set",
 ]

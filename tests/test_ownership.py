@@ -1,0 +1,181 @@
+"""Ownership verification: trigger-set watermark, DAWN, conferrable-example fingerprints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mextract.defences.ownership import (
+    DawnWatermark,
+    TriggerWatermark,
+    binomial_verification,
+    fingerprint_auc,
+    generate_fingerprints,
+    train_references,
+    train_surrogates,
+    watermark_training_set,
+    wsr,
+)
+from mextract.errors import InputError
+from mextract.models import create_model
+from mextract.oracle import VictimOracle
+from mextract.training import TrainConfig, VictimRecipe, fit, train_victim
+
+RECIPE = VictimRecipe(train=TrainConfig(epochs=12, batch_size=64, lr=0.05), augment="none")
+SMALL = TrainConfig(epochs=10, batch_size=64, lr=0.05)
+
+
+def _oracle(model: nn.Module, mode: str = "probs") -> VictimOracle:
+    return VictimOracle(model, input_shape=(1, 8, 8), num_classes=10, mode=mode, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def independent(digits_splits) -> nn.Module:  # type: ignore[no-untyped-def]
+    return train_references(digits_splits.victim_train, 1, seed=77, config=SMALL)[0]
+
+
+# ---------------------------------------------------------------------------- trigger watermark
+
+
+def test_trigger_stamps_the_corner_only() -> None:
+    wm = TriggerWatermark(target=3, size=2)
+    x = torch.zeros(4, 1, 8, 8)
+    out = wm.apply(x)
+    assert torch.all(out[:, :, -2:, -2:] == 1) and out.sum() == 4 * 4 and x.sum() == 0
+
+
+def test_watermark_training_set_adds_the_fraction(digits_splits) -> None:  # type: ignore[no-untyped-def]
+    data = digits_splits.victim_train
+    wm = TriggerWatermark(target=0, fraction=0.05)
+    marked = watermark_training_set(data, wm, seed=0)
+    extra = len(marked) - len(data)
+    assert extra == -(-len(data) * 5 // 100)
+    assert torch.all(marked.y[len(data) :] == 0) and torch.all(marked.x[len(data) :, :, -3:, -3:] == 1)
+
+
+def test_trigger_embeds_in_the_victim_and_not_in_a_clean_model(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    wm = TriggerWatermark(target=0, size=2)
+    torch.manual_seed(0)
+    victim = train_victim(
+        create_model("cnn", (1, 8, 8), 10), watermark_training_set(digits_splits.victim_train, wm),
+        RECIPE, seed=0, device="cpu",
+    )  # fmt: skip
+    test = digits_splits.test
+    assert wm.wsr(victim, test.x, test.y) > 0.9
+    assert wsr(digits_victim, test.x, 0, labels=test.y, size=2) < 0.1
+
+
+# ---------------------------------------------------------------------------- DAWN
+
+
+def test_dawn_marks_the_keyed_fraction_deterministically(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    x = torch.rand(4000, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    dawn = DawnWatermark(_oracle(digits_victim), key=b"owner", fraction=0.05)
+    marked, offset = dawn.decide(x)
+    assert abs(float(marked.float().mean()) - 0.05) < 0.015
+    assert torch.all((offset >= 1) & (offset <= 9))
+    again, offset2 = dawn.decide(x)
+    assert torch.equal(marked, again) and torch.equal(offset, offset2)
+    other, _ = DawnWatermark(_oracle(digits_victim), key=b"other", fraction=0.05).decide(x)
+    assert not torch.equal(marked, other)  # the key decides
+
+
+def test_dawn_marked_answers_are_wrong_and_the_rest_unchanged(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    x = digits_splits.pool.x
+    plain = _oracle(digits_victim).query(x)
+    inner = _oracle(digits_victim)
+    dawn = DawnWatermark(inner, key=7, fraction=0.1)
+    answers = dawn.query(x)
+    assert inner.ledger.count == len(x)
+    marked, _ = dawn.decide(x)
+    assert torch.equal(answers[~marked], plain[~marked])
+    assert torch.all(answers[marked].argmax(1) != plain[marked].argmax(1))
+    assert torch.allclose(answers[marked].sort(1).values, plain[marked].sort(1).values)  # a swap
+    wx, wy = dawn.watermark_set
+    assert len(dawn) == int(marked.sum()) and torch.equal(wy, answers[marked].argmax(1))
+    assert torch.equal(wx, x[marked])
+    dawn.query(x[marked][:3])  # repeated queries: same answers, recorded once
+    assert len(dawn) == int(marked.sum())
+    labels = DawnWatermark(_oracle(digits_victim, "label"), key=7, fraction=0.1).query(x)
+    assert torch.equal(labels.argmax(1), answers.argmax(1))
+
+
+def test_dawn_verifies_a_stolen_model_but_not_an_independent_one(
+    digits_splits, digits_victim, independent
+) -> None:  # type: ignore[no-untyped-def]
+    pool = digits_splits.pool.x
+    dawn = DawnWatermark(_oracle(digits_victim, "label"), key=b"k", fraction=0.05)
+    y = dawn.query(pool).argmax(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        stolen = create_model("cnn", (1, 8, 8), 10)
+    fit(
+        stolen, pool, y, F.cross_entropy, TrainConfig(epochs=20, batch_size=64, lr=0.05), seed=5, device="cpu"
+    )
+    result = dawn.verify(stolen)
+    assert result.total == len(dawn) >= 20
+    assert result.stolen and result.p_value < 1e-3 and result.wsr > 0.5
+    clean = dawn.verify(independent)
+    assert not clean.stolen and clean.wsr < 0.2
+    assert not dawn.verify(digits_victim).stolen  # the victim itself answers its true top-1
+
+
+def test_binomial_bound() -> None:
+    r = binomial_verification(5, 8, 1 / 9)
+    assert r.p_value == pytest.approx(7.09e-4, rel=0.01) and r.stolen
+    assert not binomial_verification(4, 8, 1 / 9).stolen
+    with pytest.raises(InputError):
+        binomial_verification(1, 2, 0.0)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprints_are_conferrable_on_the_models_they_were_made_with(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    owner = digits_splits.victim_train
+    surrogates = train_surrogates(digits_victim, owner.x, 2, seed=10, config=SMALL)
+    references = train_references(owner, 2, seed=20, config=SMALL)
+    fp = generate_fingerprints(
+        digits_victim, surrogates, references, digits_splits.test.x[:100], n=30, eps=0.3, steps=40, lr=0.02
+    )
+    assert len(fp) == 30 and fp.retention(digits_victim) == 1.0
+    assert torch.all(fp.scores[:-1] >= fp.scores[1:])
+    kept = sum(fp.retention(m) for m in surrogates) / 2
+    lost = sum(fp.retention(m) for m in references) / 2
+    assert kept > lost + 0.2
+    assert fingerprint_auc(fp, surrogates, references) == 1.0
+    # held-out stolen vs independent models separate only weakly on 8x8 digits (docs/defences.md)
+
+
+# ---------------------------------------------------------------------------- bad parameters
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"target": -1}, {"target": 0, "size": 0}, {"target": 0, "value": 2.0}, {"target": 0, "fraction": 0.0}],
+)
+def test_bad_trigger_parameters(kwargs) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError):
+        TriggerWatermark(**kwargs)
+
+
+def test_bad_dawn_parameters(digits_victim) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="fraction"):
+        DawnWatermark(_oracle(digits_victim), key=1, fraction=1.5)
+    with pytest.raises(InputError, match="key"):
+        DawnWatermark(_oracle(digits_victim), key="secret")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="key"):
+        DawnWatermark(_oracle(digits_victim), key=b"")
+    with pytest.raises(InputError, match="Oracle"):
+        DawnWatermark(object(), key=1)  # type: ignore[arg-type]
+
+
+def test_bad_fingerprint_and_watermark_inputs(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="surrogate"):
+        generate_fingerprints(digits_victim, [], [digits_victim], digits_splits.test.x[:4])
+    with pytest.raises(InputError, match="images"):
+        TriggerWatermark(0).apply(torch.zeros(3, 64))
+    with pytest.raises(InputError, match="target"):
+        watermark_training_set(digits_splits.victim_train, TriggerWatermark(12))
