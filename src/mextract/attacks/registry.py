@@ -8,8 +8,10 @@ from typing import Any
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
+from mextract.attacks.datafree import DataFreeExtraction
 from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
 from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup
+from mextract.attacks.knockoff import KnockoffNets
 from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
@@ -26,6 +28,8 @@ ATTACKS: dict[str, type[Attack]] = {
     ActiveExtraction.name: ActiveExtraction,
     Marich.name: Marich,
     ActiveHard.name: ActiveHard,
+    KnockoffNets.name: KnockoffNets,
+    DataFreeExtraction.name: DataFreeExtraction,
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
 }

@@ -1,0 +1,273 @@
+"""Data-free model extraction, DFME (Truong, Maini, Walls & Papernot, "Data-Free Model
+Extraction", CVPR 2021): no attacker pool at all. A generator ``G`` synthesises queries
+that make the substitute ``S`` and the victim ``V`` disagree; the substitute learns to
+agree with the victim on them. A min-max game on the ℓ1 distance between logits::
+
+    min_S max_G  E_z || V(G(z)) - S(G(z)) ||_1
+
+Components, with the paper's defaults (its CIFAR-10/SVHN settings, §4 and appendix):
+
+* **Logit recovery** (§3.3): the API returns probabilities ``p``; the victim's logits
+  are recovered up to the per-sample constant every softmax ignores as
+  ``l = log p - mean_k log p`` (mean correction). A ``logits`` oracle is centred the
+  same way. Top-k, rounded or label-only answers do not determine ``log p`` (zeros,
+  quantised values) and are refused.
+* **Loss** (§3.2): ℓ1 between the substitute's logits and the recovered victim logits,
+  averaged over classes and batch (``F.l1_loss``); the generator maximises it (its loss
+  is the negative), the substitute minimises it.
+* **Generator** (the DFAD/DFME generator, Fang et al. 2019): ``z ~ N(0, I)`` of
+  ``latent_dim = 256`` → linear → ``(2·ngf, ⌈H/4⌉, ⌈W/4⌉)`` → BN → 2× nearest upsample →
+  conv 3×3 → BN → LeakyReLU(0.2) → 2× upsample → conv → BN → LeakyReLU → conv to ``C``
+  channels → BN (no affine) → ``tanh``, ``ngf = 64``. The paper's generator upsamples
+  and convolves (rather than conv-transposing); we keep that. Sizes that are not a
+  multiple of 4 (e.g. 30×30) get a final bilinear resize; 8×8, 28×28 and 32×32 are exact.
+  DFME's victims read ``tanh`` outputs in [-1, 1] (normalised images); ours read [0, 1],
+  so images are ``(tanh(a) + 1) / 2`` of the pre-activation ``a``.
+* **Zeroth-order gradient** (§3.4): the victim is a black box, so the gradient of the
+  generator's loss with respect to the pre-activation ``a`` of each image is estimated
+  by forward differences along ``m`` random unit directions ``u`` (uniform on the
+  sphere), ``∇ ≈ (d/m) Σ_j [L(a + εu_j) - L(a)] / ε · u_j`` with ``d`` the input size,
+  ``m = 1``, ``ε = 1e-3`` (as the paper's code, the perturbation is applied before the
+  ``tanh``, and ``L`` is the per-sample disagreement, substitute included). The estimate
+  is back-propagated through ``G``.
+* **Schedule**: per iteration ``n_G = 1`` generator step then ``n_S = 5`` substitute
+  steps, each on a fresh batch of ``batch_size = 256`` generated images; substitute:
+  SGD lr 0.1, momentum 0.9, weight decay 5e-4; generator: Adam lr 1e-4; both rates
+  multiplied by 0.3 at 10 %, 30 % and 50 % of the iterations (the paper's code). The
+  generator always runs in training mode (batch statistics, as in the paper's code); the
+  substitute is held in evaluation mode while it is part of the estimated objective, so
+  that a perturbed point's loss does not depend on the other points of its batch
+  through batch norm, and trains in training mode.
+
+**Query accounting.** Every image the victim sees is charged to the ledger:
+
+* a generator step queries ``batch_size · (m + 1)`` images (each image and its ``m``
+  perturbations);
+* a substitute step queries ``batch_size`` images.
+
+One iteration therefore costs ``c = n_G · B · (m + 1) + n_S · B`` queries (1,792 with the
+defaults) and the attack runs ``⌊budget / c⌋`` iterations; the remainder
+``budget mod c`` is left unspent (a partial iteration would bias the schedule). A budget
+below ``c`` is refused. DFME needs millions of queries on CIFAR-10 (20 M in the paper);
+with the small budgets of an MNIST-size lab it is weak — see the project's reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mextract.attacks.base import Attack, AttackContext
+from mextract.errors import InputError
+from mextract.oracle import AnswerMode, Oracle
+
+logger = logging.getLogger(__name__)
+
+#: Answer modes from which DFME can recover the victim's logits (up to a constant).
+SOFT_ENOUGH = (AnswerMode.LOGITS, AnswerMode.PROBS)
+
+
+class DFMEGenerator(nn.Module):
+    """The DFAD/DFME image generator; ``forward(z, pre=True)`` returns the pre-``tanh`` map."""
+
+    def __init__(self, output_shape: tuple[int, int, int], latent_dim: int = 256, ngf: int = 64) -> None:
+        super().__init__()
+        c, h, w = output_shape
+        self.output_shape = output_shape
+        self.latent_dim = latent_dim
+        self.init = (math.ceil(h / 4), math.ceil(w / 4))
+        self.l1 = nn.Linear(latent_dim, 2 * ngf * self.init[0] * self.init[1])
+        self.bn0 = nn.BatchNorm2d(2 * ngf)
+        self.block1 = nn.Sequential(
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+        )  # fmt: skip
+        self.block2 = nn.Sequential(
+            nn.Conv2d(2 * ngf, ngf, 3, 1, 1, bias=False), nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(ngf, c, 3, 1, 1), nn.BatchNorm2d(c, affine=False),
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor, pre: bool = False) -> torch.Tensor:
+        out = self.l1(z).view(len(z), -1, *self.init)
+        out = F.interpolate(self.bn0(out), scale_factor=2, mode="nearest")
+        out = F.interpolate(self.block1(out), scale_factor=2, mode="nearest")
+        out = self.block2(out)
+        if tuple(out.shape[2:]) != self.output_shape[1:]:
+            out = F.interpolate(out, size=self.output_shape[1:], mode="bilinear", align_corners=False)
+        return out if pre else to_image(out)
+
+
+def to_image(pre: torch.Tensor) -> torch.Tensor:
+    """Map a generator pre-activation to images in [0, 1]: ``(tanh(a) + 1) / 2``."""
+    return (torch.tanh(pre) + 1) / 2
+
+
+def victim_logits(answers: torch.Tensor, mode: AnswerMode) -> torch.Tensor:
+    """The paper's mean-corrected logit recovery: ``log p - mean(log p)`` (or centred logits)."""
+    a = answers.float()
+    if mode is AnswerMode.LOGITS:
+        return a - a.mean(1, keepdim=True)
+    logp = torch.log(a.clamp_min(torch.finfo(a.dtype).tiny))
+    return logp - logp.mean(1, keepdim=True)
+
+
+@dataclass(kw_only=True)
+class DataFreeExtraction(Attack):
+    """DFME (Truong et al., CVPR 2021): a generator-driven, pool-free extraction.
+
+    Args (paper defaults): batch_size 256, latent_dim 256, ngf 64, n_generator 1,
+    n_substitute 5, directions ``m`` 1, epsilon 1e-3, lr_substitute 0.1 (SGD),
+    lr_generator 1e-4 (Adam), lr_steps (0.1, 0.3, 0.5) of the iterations, lr_decay 0.3,
+    evaluations: how many times the history scores the substitute.
+    See the module docstring for the query accounting.
+    """
+
+    name: ClassVar[str] = "dfme"
+    needs_pool: ClassVar[bool] = False
+    batch_size: int = 256
+    latent_dim: int = 256
+    ngf: int = 64
+    n_generator: int = 1
+    n_substitute: int = 5
+    directions: int = 1
+    epsilon: float = 1e-3
+    lr_substitute: float = 0.1
+    lr_generator: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_steps: tuple[float, ...] = (0.1, 0.3, 0.5)
+    lr_decay: float = 0.3
+    evaluations: int = 10
+
+    @property
+    def queries_per_iteration(self) -> int:
+        """``n_G · B · (m + 1) + n_S · B``."""
+        b = self.batch_size
+        return self.n_generator * b * (self.directions + 1) + self.n_substitute * b
+
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+        for name in ("batch_size", "latent_dim", "ngf", "directions", "evaluations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name}: expected a positive integer, got {v!r}")
+        for name in ("n_generator", "n_substitute"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InputError(f"{name}: expected a non-negative integer, got {v!r}")
+        if self.n_substitute < 1:
+            raise InputError(f"n_substitute: expected at least 1 substitute step, got {self.n_substitute}")
+        if self.batch_size < 2:
+            raise InputError(f"batch_size: expected at least 2 (batch norm), got {self.batch_size}")
+        for name in ("epsilon", "lr_substitute", "lr_generator", "lr_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise InputError(f"{name}: expected a positive number, got {v!r}")
+        if not all(0 < s < 1 for s in self.lr_steps):
+            raise InputError(f"lr_steps: expected fractions in (0, 1), got {self.lr_steps}")
+        if oracle.mode not in SOFT_ENOUGH:
+            raise InputError(
+                f"answer mode: DFME recovers the victim's logits from its full output, so it expected "
+                f"'logits' or 'probs', got {oracle.mode.value!r}"
+            )
+        if len(oracle.input_shape) != 3:
+            raise InputError(
+                f"input shape: DFME's generator makes images, expected (C, H, W), got {oracle.input_shape}"
+            )
+        if budget < self.queries_per_iteration:
+            raise InputError(
+                f"budget: expected at least {self.queries_per_iteration} queries (one DFME iteration: "
+                f"{self.n_generator}·{self.batch_size}·({self.directions}+1) generator + "
+                f"{self.n_substitute}·{self.batch_size} substitute queries), got {budget}"
+            )
+
+    # ------------------------------------------------------------------ running
+
+    def _victim(self, ctx: AttackContext, x: torch.Tensor) -> torch.Tensor:
+        answers = ctx.oracle.query(x.detach().cpu())
+        return victim_logits(answers, ctx.oracle.mode).to(ctx.device)
+
+    def _estimate_gradient(
+        self, ctx: AttackContext, sub: nn.Module, pre: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """Forward-difference estimate of d(-ℓ1)/d(pre) for each sample (paper §3.4).
+
+        Queries ``len(pre) · (m + 1)`` images. Returns the gradient of the batch-mean
+        generator loss and that loss.
+        """
+        n, m = len(pre), self.directions
+        shape = pre.shape[1:]
+        d = shape.numel()
+        a = pre.detach().reshape(n, 1, d)
+        u = torch.randn(n, m, d, generator=ctx.generator).to(pre.device)
+        u = u / u.norm(dim=2, keepdim=True)
+        points = torch.cat([a + self.epsilon * u, a], 1).reshape(n * (m + 1), *shape)
+        images = to_image(points)
+        with torch.no_grad():
+            v = self._victim(ctx, images)
+            s = sub(images)
+            per_point = -(s - v).abs().mean(1).view(n, m + 1)  # generator loss of each point
+        diffs = (per_point[:, :m] - per_point[:, m:]) / self.epsilon  # (n, m)
+        grad = d * (diffs[:, :, None] * u).mean(1) / n  # gradient of the batch mean
+        return grad.view_as(pre), float(per_point[:, m].mean())
+
+    def run(self, ctx: AttackContext) -> nn.Module:
+        dev, gen = ctx.device, ctx.generator
+        c, h, w = ctx.oracle.input_shape
+        cost = self.queries_per_iteration
+        iterations = ctx.budget // cost
+        logger.info(
+            "dfme: %d iterations of %d queries (%d unspent of a budget of %d)",
+            iterations, cost, ctx.budget - iterations * cost, ctx.budget,
+        )  # fmt: skip
+        g_net = DFMEGenerator((c, h, w), self.latent_dim, self.ngf).to(dev)
+        sub = ctx.make_substitute().to(dev)
+        opt_s = torch.optim.SGD(
+            sub.parameters(), lr=self.lr_substitute, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        opt_g = torch.optim.Adam(g_net.parameters(), lr=self.lr_generator)
+        milestones = sorted({max(1, int(s * iterations)) for s in self.lr_steps})
+        sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, milestones, gamma=self.lr_decay)
+        sched_g = torch.optim.lr_scheduler.MultiStepLR(opt_g, milestones, gamma=self.lr_decay)
+        every = max(1, iterations // self.evaluations)
+        b = self.batch_size
+
+        def latent() -> torch.Tensor:
+            return torch.randn(b, self.latent_dim, generator=gen).to(dev)
+
+        loss_g = loss_s = float("nan")
+        g_net.train()  # as the paper's code: batch statistics in every generator call
+        for it in range(1, iterations + 1):
+            sub.eval()  # fixed while it is part of the estimated objective (no batch coupling)
+            for _ in range(self.n_generator):
+                pre = g_net(latent(), pre=True)
+                grad, loss_g = self._estimate_gradient(ctx, sub, pre)
+                opt_g.zero_grad(set_to_none=True)
+                pre.backward(grad)
+                opt_g.step()
+            sub.train()
+            for _ in range(self.n_substitute):
+                with torch.no_grad():
+                    x = g_net(latent())
+                v = self._victim(ctx, x)
+                loss = F.l1_loss(sub(x), v)
+                opt_s.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_s.step()
+                loss_s = float(loss.detach())
+            sched_s.step()
+            sched_g.step()
+            sub.eval()
+            point = ctx.evaluate(sub, it) if it % every == 0 or it == iterations else None
+            scores = (
+                {} if point is None else {"fidelity": point.fidelity, "test_accuracy": point.test_accuracy}
+            )
+            ctx.emit(stage="dfme", done=it, total=iterations, loss_generator=loss_g, loss_substitute=loss_s,
+                     queries=ctx.spent, **scores)  # fmt: skip
+        logger.info("dfme: done, %d queries, last losses G %.4f S %.4f", ctx.spent, loss_g, loss_s)
+        return sub.eval()
