@@ -70,3 +70,24 @@ def test_errors_are_one_clear_line(tmp_path: Path, args: list[str], message: str
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr.replace("\n", " ")
     assert "Traceback" not in proc.stderr
+
+
+def test_attack_with_an_out_of_domain_pool(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train-victim", "--out", str(out), "--dataset", "digits", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rec_file = tmp_path / "ko.json"
+    r = runner.invoke(
+        app,
+        ["attack", str(out / "victim"), "--attack", "knockoff", "--pool-dataset", "iris", "--budget", "50"],
+    )
+    assert r.exit_code == 1 and "expected" in str(r.exception)  # tabular pool for an image victim
+    r = runner.invoke(
+        app,
+        ["attack", str(out / "victim"), "--attack", "knockoff", "--option", 'policy="adaptive"',
+         "--option", 'train={"epochs": 2}', "--pool-dataset", "mnist", "--budget", "64",
+         "--record", str(rec_file), "--device", "cpu"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    record = json.loads(rec_file.read_text())
+    assert record["config"]["pool_dataset"] == "mnist" and record["metrics"]["queries"] == 64

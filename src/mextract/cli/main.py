@@ -132,6 +132,9 @@ def attack(
     ] = "float32",
     substitute: Annotated[str | None, typer.Option(help="Substitute architecture.")] = None,
     pool_data: Annotated[Path | None, typer.Option(help="Attacker pool: .npz or image folder.")] = None,
+    pool_dataset: Annotated[
+        str | None, typer.Option(help="Out-of-domain pool: a dataset name or natural_patches.")
+    ] = None,
     test_data: Annotated[Path | None, typer.Option(help="Test set: .npz or image folder.")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Attack option KEY=VALUE (repeatable).")] = None,
@@ -146,10 +149,26 @@ def attack(
     from mextract.experiments import attack_run
 
     with ProgressBars(console) as bars:
-        rec = attack_run(victim, attack=attack, budget=budget, mode=mode, k=k, decimals=decimals,
-                         substitute=substitute, seed=seed, pool_data=pool_data, test_data=test_data,
-                         data_root=data_root, attack_options=_parse_options(option or []), out=out,
-                         device=device, callback=bars, resume=not fresh)  # fmt: skip
+        rec = attack_run(
+            victim,
+            attack=attack,
+            budget=budget,
+            mode=mode,
+            k=k,
+            decimals=decimals,
+            precision=precision,
+            substitute=substitute,
+            seed=seed,
+            pool_data=pool_data,
+            pool_dataset=pool_dataset,
+            test_data=test_data,
+            data_root=data_root,
+            attack_options=_parse_options(option or []),
+            out=out,
+            device=device,
+            callback=bars,
+            resume=not fresh,
+        )
     _results_table([rec], f"{attack} against {victim}")
     if record is not None:
         rec.save(record)

@@ -9,14 +9,14 @@ metrics → record.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mextract._utils import seeded
-from mextract.attacks import AttackResult, create_attack
+from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
 from mextract.data import load_splits
 from mextract.errors import DataError, MextractError, UnknownNameError
@@ -107,6 +107,7 @@ def attack_run(
     substitute: str | None = None,
     seed: int = 0,
     pool_data: str | Path | None = None,
+    pool_dataset: str | None = None,
     test_data: str | Path | None = None,
     data_root: str | Path | None = None,
     attack_options: dict[str, Any] | None = None,
@@ -119,8 +120,10 @@ def attack_run(
 
     The pool and test set come from the victim's dataset and split seed, so the pool is
     disjoint from the victim's training data, unless ``pool_data``/``test_data`` replace
-    them. With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json``
-    and the substitute is saved beside it.
+    them. ``pool_dataset`` names an out-of-domain pool (a dataset name or
+    ``natural_patches``) conformed to the victim's input; its own labels go to attacks
+    with a ``pool_labels`` field (adaptive Knockoff). With ``out``, the record is
+    ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the substitute is saved beside it.
     """
     net, meta = load_checkpoint(victim)
     answer_mode = AnswerMode.parse(mode)
@@ -140,6 +143,7 @@ def attack_run(
         "precision": precision,
         "substitute": substitute or default_model_for(meta["input_shape"]),
         "pool_data": None if pool_data is None else str(pool_data),
+        "pool_dataset": pool_dataset,
         "test_data": None if test_data is None else str(test_data),
     }
     stem = f"attack-{attack}-{answer_mode.value}-{budget}-s{seed}"
@@ -149,7 +153,17 @@ def attack_run(
         if same_config(old.config, config) and old.seed == seed:
             logger.info("reusing %s (same configuration)", record_path)
             return old
-    atk = create_attack(attack, **(attack_options or {}))
+    options = dict(attack_options or {})
+    pool = None
+    if pool_dataset is not None:
+        from mextract.data.transfer import load_pool
+
+        pool = load_pool(pool_dataset, meta["input_shape"], seed=seed, root=data_root)
+        cls = ATTACKS.get(attack)
+        takes_labels = is_dataclass(cls) and any(f.name == "pool_labels" for f in fields(cls))
+        if takes_labels and "pool_labels" not in options and pool.y is not None:
+            options["pool_labels"] = pool.y
+    atk = create_attack(attack, **options)
     split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
     dataset = meta.get("dataset")
     if dataset is None and (pool_data is None or test_data is None):
@@ -160,7 +174,8 @@ def attack_run(
                           mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
                           device=device)  # fmt: skip
     evaluator = Evaluator.from_victim(net, splits.test, device=device)
-    result = atk(oracle, splits.pool.unlabeled(), budget, substitute=config["substitute"],
+    pool = splits.pool if pool is None else pool
+    result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
                  evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
     if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
         raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
@@ -168,7 +183,7 @@ def attack_run(
     if out is not None and record_path is not None:
         arch, options = atk.model_spec(result.model) or (config["substitute"], {})
         save_checkpoint(
-            Path(out) / f"substitute-{stem[len('attack-'):]}",
+            Path(out) / f"substitute-{stem[len('attack-') :]}",
             result.model,
             {
                 "architecture": arch,
