@@ -39,6 +39,22 @@ ATTACKS: dict[str, type[Attack]] = {
 NESTED: dict[str, Any] = {"semi": SemiSupervised}
 
 
+def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:{json options}"`` → ``(name, options)``."""
+    import json
+
+    name, sep, rest = spec.partition(":")
+    if not sep:
+        return name, {}
+    try:
+        options = json.loads(rest)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"attack spec {spec!r}: expected name:{{json options}} ({exc})") from exc
+    if not isinstance(options, dict):
+        raise InputError(f"attack spec {spec!r}: expected a JSON object of options")
+    return name, options
+
+
 def create_attack(name: str, **options: Any) -> Attack:
     """Build a registered attack, e.g. ``create_attack("kd", temperature=3.0)``.
 

@@ -176,6 +176,50 @@ def attack(
 
 
 @app.command()
+def matrix(
+    out: Annotated[Path, typer.Option(help="Run folder for the victim and every cell's record.")] = Path(
+        "runs/matrix"
+    ),
+    defence: Annotated[
+        list[str] | None, typer.Option("--defence", "-d", help="Defence spec (repeatable), e.g. honey.")
+    ] = None,
+    attack: Annotated[
+        list[str] | None, typer.Option("--attack", "-a", help="Attack spec (repeatable), e.g. kd.")
+    ] = None,
+    budget: Annotated[int, typer.Option(help="Queries per attack.")] = 2000,
+    dataset: Annotated[str, typer.Option(help="Dataset of the victim.")] = "mnist",
+    trigger: Annotated[
+        int | None, typer.Option(help="Embed the 3x3 trigger watermark mapped to this class.")
+    ] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="Put PRADA in front of every API.")] = False,
+    stage3: Annotated[
+        bool, typer.Option("--stage3", help="The sources' stage 3: honey labels, trigger, hard attacks.")
+    ] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    fresh: Fresh = False,
+) -> None:
+    """Attack x defence matrix: utility of each defence, and each attack against it."""
+    from mextract.cli.progress import ProgressBars
+    from mextract.experiments import STAGE3_ATTACKS, STAGE3_DEFENCES, matrix_table, run_matrix
+
+    if stage3:
+        defence = defence or ["none", *STAGE3_DEFENCES]
+        attack = attack or list(STAGE3_ATTACKS)
+        trigger = 0 if trigger is None else trigger
+    if not defence or not attack:
+        raise MextractError("give at least one --defence and one --attack (or --stage3)")
+    with ProgressBars(console) as bars:
+        records = run_matrix(out, defences=defence, attacks=attack, budget=budget, dataset=dataset, seed=seed,
+                             trigger_target=trigger, detect=detect, device=device, callback=bars,
+                             resume=not fresh)  # fmt: skip
+    table = matrix_table(records)
+    (out / "matrix.md").write_text(table)
+    typer.echo(table)
+    console.print(f"records and matrix.md are in {out}/")
+
+
+@app.command()
 def report(
     run: Annotated[Path, typer.Argument(help="A run folder holding records.")],
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead.")] = False,

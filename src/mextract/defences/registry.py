@@ -76,6 +76,13 @@ def _mad(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     return PredictionPoisoning(inner, surrogate=owner.surrogate(), **opts)
 
 
+def _dawn(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+    from mextract.defences.ownership import DawnWatermark
+
+    key = opts.pop("key", f"mextract-dawn-{owner.seed}".encode())
+    return DawnWatermark(inner, key.encode() if isinstance(key, str) else key, **opts)
+
+
 def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     epochs = int(opts.pop("epochs", 10))
     return AdaptiveMisinformation(inner, misinformation=owner.misinformation_model(epochs), **opts)
@@ -91,6 +98,7 @@ DEFENCES: dict[str, Builder] = {
     "dp_noise": _simple(NoisyProbabilities),
     "mad": _mad,
     "adaptive_misinformation": _misinformation,
+    "dawn": _dawn,
 }
 
 

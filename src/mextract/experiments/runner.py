@@ -45,8 +45,14 @@ def train_victim_run(
     device: str | None = None,
     callback: Callback | None = None,
     resume: bool = True,
+    trigger_target: int | None = None,
 ) -> Record:
-    """Stage 0: train a victim, save ``out/victim/`` (checkpoint) and ``out/victim.json``."""
+    """Stage 0: train a victim, save ``out/victim/`` (checkpoint) and ``out/victim.json``.
+
+    ``trigger_target`` embeds the sources' trigger-set watermark: a 3×3 white patch at the
+    bottom-right corner mapped to that class (:class:`~mextract.defences.TriggerWatermark`);
+    the record then holds the victim's own watermark success rate (``trigger_wsr``).
+    """
     out = Path(out)
     recipe = victim_recipe(preset)
     splits = load_splits(dataset, seed=seed, root=data_root, victim_data=victim_data,
@@ -59,6 +65,7 @@ def train_victim_run(
         "preset": preset,
         "recipe": asdict(recipe),
         "data_root": None if data_root is None else str(data_root),
+        "trigger_target": trigger_target,
     }
     record_path = out / VICTIM_RECORD
     if resume and record_path.is_file() and (out / VICTIM_DIR / "model.json").is_file():
@@ -76,8 +83,18 @@ def train_victim_run(
         if callback is not None:
             callback({"stage": "victim", "done": epoch, "total": epochs})
 
-    train_victim(net, splits.victim_train, recipe, seed=seed, device=device, on_epoch=on_epoch)
+    train_data = splits.victim_train
+    trigger = None
+    if trigger_target is not None:
+        from mextract.defences.ownership import TriggerWatermark, watermark_training_set
+
+        trigger = TriggerWatermark(target=trigger_target)
+        train_data = watermark_training_set(train_data, trigger, seed=seed)
+    train_victim(net, train_data, recipe, seed=seed, device=device, on_epoch=on_epoch)
     acc = accuracy(net, splits.test)
+    metrics = {"test_accuracy": acc}
+    if trigger is not None and splits.test.y is not None:
+        metrics["trigger_wsr"] = trigger.wsr(net, splits.test.x, splits.test.y)
     meta = {
         "architecture": arch,
         "input_shape": list(splits.test.input_shape),
@@ -90,7 +107,7 @@ def train_victim_run(
         "test_accuracy": acc,
     }
     save_checkpoint(out / VICTIM_DIR, net, meta)
-    record = Record(kind="victim", name=arch, seed=seed, config=config, metrics={"test_accuracy": acc})
+    record = Record(kind="victim", name=arch, seed=seed, config=config, metrics=metrics)
     record.save(record_path)
     return record
 
