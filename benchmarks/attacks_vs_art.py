@@ -145,7 +145,10 @@ def main() -> None:
     p.add_argument("--art", nargs="*", default=ART_METHODS)
     p.add_argument("--out", type=Path, default=Path("runs/bench-art"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs, ours and ART's alike")
     args = p.parse_args()
+    global EPOCHS
+    EPOCHS = args.epochs
     if args.threads:
         torch.set_num_threads(args.threads)
     soft = args.labels == "soft"
@@ -162,7 +165,9 @@ def main() -> None:
         for method in [*ours, *args.art]:
             for seed in args.seeds:
                 key = hashlib.sha1(method.encode()).hexdigest()[:10]
-                path = args.out / f"{args.labels}-{method.split(':')[0]}-{key}-{budget}-s{seed}.json"
+                path = (
+                    args.out / f"{args.labels}-{method.split(':')[0]}-{key}-e{EPOCHS}-{budget}-s{seed}.json"
+                )
                 if path.is_file():
                     metrics = Record.load(path).metrics
                 else:
