@@ -137,6 +137,7 @@ def run_art(
 
 
 def main() -> None:
+    global EPOCHS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", choices=["soft", "hard"], default="soft")
     p.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000, 2000])
@@ -147,7 +148,6 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs, ours and ART's alike")
     args = p.parse_args()
-    global EPOCHS
     EPOCHS = args.epochs
     if args.threads:
         torch.set_num_threads(args.threads)
