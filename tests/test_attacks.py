@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import Counting
 
 from mextract.attacks import ATTACKS, HardLabel, KnockoffDistillation, create_attack
 from mextract.errors import BudgetExceededError, InputError, UnknownNameError
@@ -12,18 +13,6 @@ from mextract.oracle import VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=15, batch_size=32, lr=0.05)
-
-
-class Counting:
-    """Wraps a torch victim as a numpy callable that counts every sample it evaluates."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.evaluated = model.eval(), 0
-
-    def __call__(self, x):  # type: ignore[no-untyped-def]
-        self.evaluated += len(x)
-        with torch.no_grad():
-            return self.model(torch.as_tensor(x)).numpy()
 
 
 @pytest.mark.parametrize(

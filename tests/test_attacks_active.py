@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import Counting
 from torch import nn
 
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich, round_sizes
@@ -24,18 +25,6 @@ from mextract.oracle import VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=12, batch_size=32, lr=0.05)
-
-
-class Counting:
-    """Wraps a torch victim as a numpy callable that counts every sample it evaluates."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.evaluated = model.eval(), 0
-
-    def __call__(self, x):  # type: ignore[no-untyped-def]
-        self.evaluated += len(x)
-        with torch.no_grad():
-            return self.model(torch.as_tensor(x)).numpy()
 
 
 def _identity_features() -> nn.Module:

@@ -10,6 +10,7 @@ import logging
 
 import pytest
 import torch
+from helpers import Counting
 
 from mextract.attacks import HardLabel
 from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup, _beta, _label_pairs
@@ -20,23 +21,6 @@ from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=15, batch_size=32, lr=0.05)
 ONE = TrainConfig(epochs=1, batch_size=64)
-
-
-class Counting:
-    """Wraps a torch victim as a numpy callable that counts (and keeps) every sample it evaluates."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.evaluated, self.inputs = model.eval(), 0, []
-
-    def __call__(self, x):  # type: ignore[no-untyped-def]
-        self.evaluated += len(x)
-        self.inputs.append(torch.as_tensor(x).clone())
-        with torch.no_grad():
-            return self.model(torch.as_tensor(x)).numpy()
-
-    @property
-    def queried(self) -> torch.Tensor:
-        return torch.cat(self.inputs)
 
 
 def _oracle(victim, mode: str = "label", **kw):  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import Counting
 
 from mextract.attacks.base import AttackContext
 from mextract.attacks.soft import ErasingDistillation
@@ -17,18 +18,6 @@ from mextract.oracle import VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=15, batch_size=32, lr=0.05)
-
-
-class Counting:
-    """Wraps a torch victim as a numpy callable that counts every sample it evaluates."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.evaluated = model.eval(), 0
-
-    def __call__(self, x):  # type: ignore[no-untyped-def]
-        self.evaluated += len(x)
-        with torch.no_grad():
-            return self.model(torch.as_tensor(x)).numpy()
 
 
 def _oracle(victim, mode: str = "probs", **kw):  # type: ignore[no-untyped-def]

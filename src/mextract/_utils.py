@@ -65,3 +65,20 @@ def check_shape(x: torch.Tensor, expected: Sequence[int], *, name: str = "x") ->
         raise InputError(
             f"{name}: expected a batch of shape (N, {', '.join(map(str, exp))}), got {tuple(x.shape)}"
         )
+
+
+def parse_spec(spec: str, kind: str) -> tuple[str, dict[str, object]]:
+    """``"name"`` or ``"name:{json options}"`` → ``(name, options)``; ``kind`` names the
+    vocabulary (``"attack"``, ``"defence"``) in error messages."""
+    import json
+
+    name, sep, rest = spec.partition(":")
+    if not sep:
+        return name, {}
+    try:
+        options = json.loads(rest)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{kind} spec {spec!r}: expected name:{{json options}} ({exc})") from exc
+    if not isinstance(options, dict):
+        raise InputError(f"{kind} spec {spec!r}: expected a JSON object of options")
+    return name, options

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass, replace
 from typing import Any
 
+from mextract._utils import parse_spec
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.datafree import DataFreeExtraction
-from mextract.attacks.direct import EquationSolving, ReLUCryptanalysis
+from mextract.attacks.direct import EquationSolving, ReLU2Cryptanalysis, ReLUCryptanalysis
 from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup
 from mextract.attacks.knockoff import KnockoffNets
 from mextract.attacks.semi import SemiSupervised
@@ -32,6 +33,7 @@ ATTACKS: dict[str, type[Attack]] = {
     DataFreeExtraction.name: DataFreeExtraction,
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
+    ReLU2Cryptanalysis.name: ReLU2Cryptanalysis,
 }
 
 
@@ -41,18 +43,7 @@ NESTED: dict[str, Any] = {"semi": SemiSupervised}
 
 def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"name"`` or ``"name:{json options}"`` → ``(name, options)``."""
-    import json
-
-    name, sep, rest = spec.partition(":")
-    if not sep:
-        return name, {}
-    try:
-        options = json.loads(rest)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"attack spec {spec!r}: expected name:{{json options}} ({exc})") from exc
-    if not isinstance(options, dict):
-        raise InputError(f"attack spec {spec!r}: expected a JSON object of options")
-    return name, options
+    return parse_spec(spec, "attack")
 
 
 def create_attack(name: str, **options: Any) -> Attack:

@@ -9,7 +9,6 @@ carries what the owner has — the victim, its training data — and builds thos
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mextract._utils import seeded
+from mextract._utils import parse_spec, seeded
 from mextract.data.base import Dataset
 from mextract.defences.perturb import (
     AdaptiveMisinformation,
@@ -102,18 +101,9 @@ DEFENCES: dict[str, Builder] = {
 }
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_defence_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"name"`` or ``"name:{json}"`` → ``(name, options)``."""
-    name, sep, rest = spec.partition(":")
-    if not sep:
-        return name, {}
-    try:
-        options = json.loads(rest)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"defence spec {spec!r}: expected name:{{json options}} ({exc})") from exc
-    if not isinstance(options, dict):
-        raise InputError(f"defence spec {spec!r}: expected a JSON object of options")
-    return name, options
+    return parse_spec(spec, "defence")
 
 
 def _split_stack(spec: str) -> list[str]:
@@ -132,7 +122,7 @@ def build_defence(spec: str, inner: Oracle, owner: Owner) -> Oracle:
     (``"reverse_sigmoid+topk:{\\"k\\": 3}"``, applied left to right)."""
     oracle = inner
     for part in _split_stack(spec):
-        name, options = parse_spec(part.strip())
+        name, options = parse_defence_spec(part.strip())
         if name not in DEFENCES:
             raise UnknownNameError("defence", name, sorted(DEFENCES))
         try:

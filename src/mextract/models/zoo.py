@@ -33,6 +33,18 @@ def relu1(input_shape: Sequence[int], num_classes: int, *, hidden: int = 16) -> 
     )
 
 
+def relu2(input_shape: Sequence[int], num_classes: int, *, hidden1: int = 16, hidden2: int = 8) -> nn.Module:
+    """Two-hidden-layer ReLU network (the deeper direct-extraction target)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(prod(input_shape), hidden1),
+        nn.ReLU(),
+        nn.Linear(hidden1, hidden2),
+        nn.ReLU(),
+        nn.Linear(hidden2, num_classes),
+    )
+
+
 def mlp(
     input_shape: Sequence[int], num_classes: int, *, hidden: Sequence[int] = (256, 128), dropout: float = 0.1
 ) -> nn.Module:
@@ -128,6 +140,7 @@ def vgg11(input_shape: Sequence[int], num_classes: int) -> nn.Module:
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "logreg": logreg,
     "relu1": relu1,
+    "relu2": relu2,
     "mlp": mlp,
     "cnn": cnn,
     "resnet18": resnet18,

@@ -6,6 +6,8 @@
 * :class:`ReLUCryptanalysis` — one-hidden-layer ReLU networks with logit outputs, exact
   up to the network's symmetry (Jagielski et al. 2020; Carlini, Jagielski & Mironov,
   CRYPTO 2020).
+* :class:`ReLU2Cryptanalysis` — two hidden layers, layer by layer (Carlini et al. 2020);
+  exact when it succeeds, a clear error otherwise.
 * :mod:`~mextract.attacks.direct.align` — parameter error after permutation/scale alignment.
 """
 
@@ -22,6 +24,7 @@ from mextract.attacks.direct.common import (
     DirectExtractionError,
     NotPiecewiseLinearError,
 )
+from mextract.attacks.direct.deep import ReLU2Cryptanalysis, align_relu2, relu2_model, relu2_parameters
 from mextract.attacks.direct.equations import EquationSolving, linear_model
 from mextract.attacks.direct.relu import ReLUCryptanalysis, relu1_model
 
@@ -31,12 +34,16 @@ __all__ = [
     "EquationSolving",
     "LinearError",
     "NotPiecewiseLinearError",
+    "ReLU2Cryptanalysis",
     "ReLUAlignment",
     "ReLUCryptanalysis",
     "align_relu1",
+    "align_relu2",
     "linear_error",
     "linear_model",
     "query_floor",
     "relu1_model",
     "relu1_parameters",
+    "relu2_model",
+    "relu2_parameters",
 ]

@@ -224,7 +224,7 @@ class ReLU2Cryptanalysis(Attack):
             )
 
     def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-        return None
+        return "relu2", {"hidden1": int(model[1].out_features), "hidden2": int(model[3].out_features)}
 
     def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
         return dict(getattr(model, "extraction_info", {}))
