@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mextract.attacks import create_attack
+from mextract.attacks import ATTACKS, create_attack
 from mextract.attacks.registry import parse_attack_spec
 from mextract.data import load_splits
 from mextract.data.transfer import load_pool
@@ -110,7 +110,9 @@ def main() -> None:
                 fid, wall = 100 * metrics["fidelity"], metrics["wall_time_s"]
                 print(f"  {spec} [{mode}, pool {pool_name or 'mnist'}] budget {b} seed {seed}: "
                       f"fidelity {fid:.2f}% ({wall:.1f} s)", flush=True)  # fmt: skip
-            table.append((spec, mode, pool_name or "mnist (in-domain)", b, runs))
+            data_free = not ATTACKS[parse_attack_spec(spec)[0]].needs_pool
+            label = "none (data-free)" if data_free else pool_name or "mnist (in-domain)"
+            table.append((spec, mode, label, b, runs))
 
     def ms(v: list[float]) -> str:
         return f"{100 * statistics.mean(v):.2f}" + (
