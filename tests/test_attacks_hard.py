@@ -72,7 +72,9 @@ def test_only_the_top1_label_is_used_and_runs_are_seeded(digits_splits, digits_v
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     ref = params("label", 0)
-    for mode in ("probs", "logits", "topk", "rounded"):
+    # "rounded" is left out: rounding can tie the top two classes exactly at the boundary
+    # points these attacks seek, and then the top-1 label is genuinely lost.
+    for mode in ("probs", "logits", "topk"):
         assert torch.equal(ref, params(mode, 0)), mode
     assert not torch.equal(ref, params("label", 1))
 
