@@ -43,7 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from mextract.attacks.direct import ReLUCryptanalysis, align_relu1, query_floor, relu1_parameters
+from mextract.attacks.direct import (
+    ReLUCryptanalysis,
+    align_relu1,
+    gaussian_relu1,
+    query_floor,
+    relu1_parameters,
+)
 from mextract.oracle import VictimOracle
 
 Params = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -72,15 +78,6 @@ class HalfPair(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.net(x)
         return torch.cat([-0.5 * f, 0.5 * f], dim=1)
-
-
-def gaussian_net(d: int, h: int, k: int, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return net.eval()
 
 
 def mnist_net(h: int, k: int, seed: int) -> tuple[nn.Module, torch.Tensor]:
@@ -116,7 +113,7 @@ def victims(only: list[str] | None = None) -> Iterator[dict[str, Any]]:
     for d, h, k in [(20, 8, 3), (50, 16, 5)]:
         if not wanted(f"{d}-{h}-{k} gaussian"):
             continue
-        net = gaussian_net(d, h, k, seed=0)
+        net = gaussian_relu1(d, h, k, seed=0)
         gen = torch.Generator().manual_seed(1)
         test = torch.randn(10_000, d, generator=gen, dtype=torch.float64)
         yield (

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from mextract.attacks.direct import gaussian_relu1
 from mextract.errors import MextractError
 
 app = typer.Typer(help="Direct extraction: recover a victim's parameters exactly.", no_args_is_help=True)
@@ -29,15 +30,6 @@ logger = logging.getLogger(__name__)
 @app.callback()
 def _group() -> None:
     """Direct extraction: recover a victim's parameters exactly (a command group)."""
-
-
-def _gaussian_victim(d: int, h: int, k: int, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    net = nn.Sequential(nn.Flatten(), nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k)).double()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return net.eval()
 
 
 def _trained_victim(dataset: str, h: int, epochs: int, seed: int) -> tuple[nn.Module, torch.Tensor]:
@@ -83,7 +75,7 @@ def run(
             shape = tuple(meta["input_shape"])
             test = torch.randn(10_000, *shape, dtype=torch.float64)
         elif victim_kind == "gaussian":
-            net, shape = _gaussian_victim(inputs, hidden, classes, seed), (inputs,)
+            net, shape = gaussian_relu1(inputs, hidden, classes, seed), (inputs,)
             test = torch.randn(10_000, inputs, dtype=torch.float64)
         elif victim_kind == "relu1":
             net, test = _trained_victim(dataset, hidden, epochs, seed)

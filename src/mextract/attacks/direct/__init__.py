@@ -26,7 +26,7 @@ from mextract.attacks.direct.common import (
 )
 from mextract.attacks.direct.deep import ReLU2Cryptanalysis, align_relu2, relu2_model, relu2_parameters
 from mextract.attacks.direct.equations import EquationSolving, linear_model
-from mextract.attacks.direct.relu import ReLUCryptanalysis, relu1_model
+from mextract.attacks.direct.relu import ReLUCryptanalysis, gaussian_relu1, relu1_model
 
 __all__ = [
     "AnswerModeError",
@@ -39,6 +39,7 @@ __all__ = [
     "ReLUCryptanalysis",
     "align_relu1",
     "align_relu2",
+    "gaussian_relu1",
     "linear_error",
     "linear_model",
     "query_floor",

@@ -93,6 +93,19 @@ def relu1_model(
     return nn.Sequential(*layers, first, nn.ReLU(), second).eval()
 
 
+def gaussian_relu1(d: int, h: int, k: int, seed: int = 0) -> nn.Module:
+    """A float64 ``d-h-k`` one-hidden-layer ReLU net with every parameter drawn from N(0, 1)
+    (the random victims of Carlini et al.'s and our benchmarks)."""
+    from mextract.models import create_model
+
+    net = create_model("relu1", (d,), k, hidden=h).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return net.eval()
+
+
 class _Line:
     """The victim restricted to ``x₀ + t·u``: values ``(N, K)`` at parameters ``t``."""
 
