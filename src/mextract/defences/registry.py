@@ -10,7 +10,7 @@ carries what the owner has — the victim, its training data — and builds thos
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ class Owner:
     architecture: str
     seed: int = 0
     device: str | None = None
+    _misinformation: dict[int, nn.Module] = field(default_factory=dict, repr=False)
 
     def surrogate(self) -> nn.Module:
         from mextract.models import create_model
@@ -51,7 +52,10 @@ class Owner:
             return create_model(self.architecture, self.train.input_shape, self.train.num_classes).eval()
 
     def misinformation_model(self, epochs: int = 10) -> nn.Module:
-        """A model of the victim's architecture trained to avoid the correct class."""
+        """A model of the victim's architecture trained to avoid the correct class (trained
+        once per ``epochs`` and reused, since every defended API of a run shares it)."""
+        if epochs in self._misinformation:
+            return self._misinformation[epochs]
         from mextract.models import create_model
 
         if self.train.y is None:

@@ -144,8 +144,10 @@ def _utility(
 ) -> Record:
     path = out / f"defence-{_slug(spec)}.json"
     config = {"defence": spec}
-    if resume and path.is_file() and same_config(Record.load(path).config, config):
-        return Record.load(path)
+    if resume and path.is_file():
+        old = Record.load(path)
+        if same_config(old.config, config):
+            return old
     api = _chain(victim, meta, spec, owner)
     metrics: dict[str, Any] = {"honest_accuracy": honest_accuracy(api, splits.test)}
     if detect:  # PRADA on a benign stream: the test images in a random order, one client
