@@ -91,3 +91,37 @@ def test_attack_with_an_out_of_domain_pool(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     record = json.loads(rec_file.read_text())
     assert record["config"]["pool_dataset"] == "mnist" and record["metrics"]["queries"] == 64
+
+
+def test_matrix_records_every_cell_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "matrix"
+    args = ["matrix", "--out", str(out), "--dataset", "digits", "--budget", "300", "--detect",
+            "-d", "none", "-d", "label_only", "-d", 'dawn:{"fraction": 0.05}',
+            "-a", 'kd:{"train": {"epochs": 20}}', "-a", 'hard:{"train": {"epochs": 20}}',
+            "--device", "cpu"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    records = load_records(out)
+    cells = [x for x in records if x.kind == "cell"]
+    assert len(cells) == 6 and sum(x.kind == "defence" for x in records) == 3
+    by = {(c.config["defence"].split(":")[0], c.name): c.metrics for c in cells}
+    for key in by:  # kd against a label API distils one-hot answers
+        assert by[key]["status"] == "ok" and by[key]["queries"] == 300 and by[key]["fidelity"] > 0.5
+        assert by[key]["prada_flagged"] in (True, False)
+    assert by[("dawn", "hard")]["dawn_marks"] > 5 and "dawn_wsr" in by[("dawn", "hard")]
+    assert "| label_only |" in (out / "matrix.md").read_text()
+    assert runner.invoke(app, args).exit_code == 0  # a re-run reuses every record
+    assert [x.created for x in load_records(out)] == [x.created for x in records]
+
+
+def test_matrix_needs_a_plan(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["matrix", "--stage3", "--full"])
+    assert r.exit_code != 0 and "not both" in str(r.exception)
+    r = runner.invoke(app, ["matrix", "-d", "none"])
+    assert r.exit_code != 0 and "--full" in str(r.exception)
+    # a bad defence spec fails before any cell is computed, not halfway through the matrix
+    out = tmp_path / "m"
+    args = ["matrix", "--out", str(out), "--dataset", "digits", "-d", "none", "-d", "dp_noise", "-a", "hard"]
+    r = runner.invoke(app, [*args, "--device", "cpu"])
+    assert r.exit_code != 0 and "epsilon" in str(r.exception)
+    assert not list(out.glob("cell-*"))

@@ -211,3 +211,39 @@ def test_defence_registry_builds_and_stacks_from_specs(digits_splits, digits_vic
     with pytest.raises(InputError, match="bad options"):
         build_defence('topk:{"kk": 2}', plain, owner)
     assert {"honey", "mad", "dp_noise", "adaptive_misinformation"} <= set(DEFENCES)
+
+
+def test_owner_trains_the_misinformation_model_once(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    from mextract.defences.registry import Owner, build_defence
+
+    owner = Owner(victim=digits_victim, train=digits_splits.victim_train, architecture="logreg")
+    plain = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10, mode="logits")
+    a = build_defence('adaptive_misinformation:{"epochs": 1}', plain, owner)
+    b = build_defence('adaptive_misinformation:{"epochs": 1}', plain, owner)
+    assert isinstance(a, AdaptiveMisinformation) and a.misinformation is b.misinformation
+
+
+def test_pgd_step_size_rule() -> None:
+    from mextract.defences.adversarial import PGDConfig
+
+    cfg = PGDConfig.for_eps(0.3, steps=10)
+    assert (cfg.eps, cfg.steps) == (0.3, 10) and cfg.alpha == pytest.approx(0.075)
+    with pytest.raises(InputError):
+        PGDConfig.for_eps(0.0)
+
+
+def test_adversarially_trained_victim_run_is_recorded_and_resumed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mextract.defences.adversarial import PGDConfig
+    from mextract.experiments import train_victim_run
+    from mextract.models import load_checkpoint
+
+    pgd = PGDConfig.for_eps(0.2, steps=2)
+    common = {"dataset": "digits", "model": "logreg", "device": "cpu"}
+    plain = train_victim_run(tmp_path / "plain", **common)
+    robust = train_victim_run(tmp_path / "adv", adversarial=pgd, **common)
+    assert "adversarial" not in plain.config and robust.config["adversarial"]["eps"] == 0.2
+    a, _ = load_checkpoint(tmp_path / "plain" / "victim")
+    b, _ = load_checkpoint(tmp_path / "adv" / "victim")
+    assert not torch.equal(a.state_dict()["1.weight"], b.state_dict()["1.weight"])
+    again = train_victim_run(tmp_path / "adv", adversarial=pgd, **common)
+    assert again.metrics == robust.metrics and again.created == robust.created

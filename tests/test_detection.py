@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient
+from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient, calibrate_delta
 from mextract.errors import InputError
 from mextract.oracle import VictimOracle
 
@@ -70,11 +70,12 @@ def test_boundary_stream_is_flagged_at_the_first_test(digits_splits) -> None:  #
     assert r.w_history[0][0] == r.first_alarm and r.w_history[0][1] < 0.95
 
 
-def test_batches_match_one_query_at_a_time(digits_splits) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("compare_to", ["growing", "all"])
+def test_batches_match_one_query_at_a_time(digits_splits, compare_to) -> None:  # type: ignore[no-untyped-def]
     x, c = boundary_stream(digits_splits.pool.x, digits_splits.pool.y, searches=20, seed=3)
     x = torch.cat([x, digits_splits.pool.x[:100]])
     c = torch.cat([c, digits_splits.pool.y[:100]])
-    a, b = Prada(), Prada()
+    a, b = Prada(compare_to=compare_to), Prada(compare_to=compare_to)
     for i in range(0, len(x), 37):
         a.observe(0, x[i : i + 37], c[i : i + 37])
     for i in range(len(x)):
@@ -87,6 +88,42 @@ def test_batches_match_one_query_at_a_time(digits_splits) -> None:  # type: igno
     )
     assert [i for i, _ in ra.w_history] == [i for i, _ in rb.w_history]
     assert [w for _, w in ra.w_history] == pytest.approx([w for _, w in rb.w_history], rel=1e-9)
+
+
+def test_all_variant_measures_to_every_earlier_query_of_the_class(digits_splits) -> None:  # type: ignore[no-untyped-def]
+    x, c = boundary_stream(digits_splits.pool.x, digits_splits.pool.y, searches=15, seed=1)
+    x = torch.cat([digits_splits.pool.x[:60], x]).double()
+    c = torch.cat([digits_splits.pool.y[:60], c])
+    monitor = Prada(compare_to="all")
+    monitor.observe(0, x[:50], c[:50])
+    monitor.observe(0, x[50:], c[50:])
+    flat = x.reshape(len(x), -1)
+    expected = []
+    for i in range(len(x)):
+        earlier = flat[:i][c[:i] == c[i]]
+        if len(earlier):
+            expected.append(float((earlier - flat[i]).norm(dim=1).min()))
+    assert monitor._clients[0].distances == pytest.approx(expected, rel=1e-9)
+    # against the growing sets only, binary-search probes are further from what is compared
+    growing = Prada()
+    growing.observe(0, x, c)
+    assert sum(growing._clients[0].distances) > sum(expected)
+
+
+def test_calibrated_delta_is_the_lowest_benign_w(digits_splits) -> None:  # type: ignore[no-untyped-def]
+    pool = digits_splits.pool
+    streams = [(pool.x[i * 150 : (i + 1) * 150], pool.y[i * 150 : (i + 1) * 150]) for i in range(3)]
+    delta = calibrate_delta(streams)
+    lows = []
+    for i, (x, c) in enumerate(streams):
+        probe = Prada(delta=delta)
+        assert not probe.observe(i, x, c)  # the calibrated threshold flags none of them
+        lows.append(min(w for _, w in probe.report(i).w_history))
+    assert delta == min(lows)
+    strict = Prada(delta=min(1.0, delta + 1e-6))  # any higher threshold flags the lowest one
+    assert strict.observe(0, *streams[lows.index(delta)])
+    with pytest.raises(InputError, match="longer"):
+        calibrate_delta([(pool.x[:50], pool.y[:50])])
 
 
 def test_clients_are_separated(digits_splits) -> None:  # type: ignore[no-untyped-def]
@@ -131,7 +168,14 @@ def test_block_refuses_a_flagged_client(digits_splits, digits_victim) -> None:  
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"delta": 0.0}, {"delta": 1.5}, {"min_distances": 1}, {"check_every": 0}, {"outlier_sigma": -1.0}],
+    [
+        {"delta": 0.0},
+        {"delta": 1.5},
+        {"min_distances": 1},
+        {"check_every": 0},
+        {"outlier_sigma": -1.0},
+        {"compare_to": "nearest"},
+    ],
 )
 def test_bad_parameters(kwargs) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InputError):

@@ -36,6 +36,11 @@ err_console = Console(stderr=True)
 Seed = Annotated[int, typer.Option(help="Seed for every random choice of the run.")]
 Device = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu' or 'cuda'.")]
 Fresh = Annotated[bool, typer.Option("--fresh", help="Recompute instead of reusing records.")]
+PgdEps = Annotated[
+    float | None,
+    typer.Option(help="Adversarially train the victim: L-inf PGD radius on [0, 1] inputs (MNIST: 0.3)."),
+]
+PgdSteps = Annotated[int, typer.Option(help="PGD steps (step size 2.5*eps/steps).")]
 
 
 @app.callback()
@@ -88,6 +93,8 @@ def train_victim(
     data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
     victim_data: Annotated[Path | None, typer.Option(help=".npz or image folder for training.")] = None,
     test_data: Annotated[Path | None, typer.Option(help=".npz or image folder for testing.")] = None,
+    pgd_eps: PgdEps = None,
+    pgd_steps: PgdSteps = 7,
     seed: Seed = 0,
     device: Device = "auto",
     fresh: Fresh = False,
@@ -99,11 +106,18 @@ def train_victim(
     with ProgressBars(console) as bars:
         record = train_victim_run(out, dataset=dataset, model=model, preset=preset, seed=seed,
                                   data_root=data_root, victim_data=victim_data, test_data=test_data,
-                                  device=device, callback=bars, resume=not fresh)  # fmt: skip
+                                  device=device, callback=bars, resume=not fresh,
+                                  adversarial=_pgd(pgd_eps, pgd_steps))  # fmt: skip
     console.print(
         f"victim {record.name}: test accuracy {100 * record.metrics['test_accuracy']:.2f}% "
         f"-> {out / 'victim'}"
     )
+
+
+def _pgd(eps: float | None, steps: int) -> Any:
+    from mextract.defences.adversarial import PGDConfig
+
+    return None if eps is None else PGDConfig.for_eps(eps, steps)
 
 
 def _parse_options(options: list[str]) -> dict[str, Any]:
@@ -195,23 +209,41 @@ def matrix(
     stage3: Annotated[
         bool, typer.Option("--stage3", help="The sources' stage 3: honey labels, trigger, hard attacks.")
     ] = False,
+    pgd_eps: PgdEps = None,
+    pgd_steps: PgdSteps = 7,
+    full: Annotated[
+        bool, typer.Option("--full", help="Every API defence against every in-domain catalogue attack.")
+    ] = False,
     seed: Seed = 0,
     device: Device = "auto",
     fresh: Fresh = False,
 ) -> None:
     """Attack x defence matrix: utility of each defence, and each attack against it."""
     from mextract.cli.progress import ProgressBars
-    from mextract.experiments import STAGE3_ATTACKS, STAGE3_DEFENCES, matrix_table, run_matrix
+    from mextract.experiments import (
+        FULL_ATTACKS,
+        FULL_DEFENCES,
+        STAGE3_ATTACKS,
+        STAGE3_DEFENCES,
+        matrix_table,
+        run_matrix,
+    )
 
+    if stage3 and full:
+        raise MextractError("give --stage3 or --full, not both")
+    if full:
+        defence = defence or list(FULL_DEFENCES)
+        attack = attack or list(FULL_ATTACKS)
     if stage3:
         defence = defence or ["none", *STAGE3_DEFENCES]
         attack = attack or list(STAGE3_ATTACKS)
         trigger = 0 if trigger is None else trigger
     if not defence or not attack:
-        raise MextractError("give at least one --defence and one --attack (or --stage3)")
+        raise MextractError("give at least one --defence and one --attack (or --stage3, or --full)")
     with ProgressBars(console) as bars:
         records = run_matrix(out, defences=defence, attacks=attack, budget=budget, dataset=dataset, seed=seed,
-                             trigger_target=trigger, detect=detect, device=device, callback=bars,
+                             trigger_target=trigger, adversarial=_pgd(pgd_eps, pgd_steps),
+                             detect=detect, device=device, callback=bars,
                              resume=not fresh)  # fmt: skip
     table = matrix_table(records)
     (out / "matrix.md").write_text(table)

@@ -1,6 +1,6 @@
 """Defences: wrappers around an oracle that are themselves oracles, so they stack."""
 
-from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient
+from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient, calibrate_delta
 from mextract.defences.ownership import DawnWatermark, TriggerWatermark, watermark_training_set
 from mextract.defences.perturb import (
     AdaptiveMisinformation,
@@ -28,6 +28,7 @@ __all__ = [
     "Rounding",
     "TopK",
     "TriggerWatermark",
+    "calibrate_delta",
     "misinformation_loss",
     "watermark_training_set",
 ]

@@ -30,6 +30,13 @@ class PGDConfig:
     steps: int = 7
     random_start: bool = True
 
+    @classmethod
+    def for_eps(cls, eps: float, steps: int = 7) -> PGDConfig:
+        """PGD with radius ``eps`` and step size ``α = 2.5·ε/steps``, so that the steps can
+        cross the ε-ball from a random start (the rule of Madry et al.'s ``robustness``
+        library; 7 steps as in their CIFAR-10 training)."""
+        return cls(eps=eps, alpha=2.5 * eps / steps, steps=steps)
+
     def __post_init__(self) -> None:
         if not self.eps > 0 or not self.alpha > 0:
             raise InputError(f"PGD: expected eps > 0 and alpha > 0, got eps={self.eps}, alpha={self.alpha}")

@@ -40,7 +40,7 @@ from mextract.data.base import Dataset
 from mextract.errors import InputError
 from mextract.metrics import agreement, predict_labels
 from mextract.oracle import Oracle, OracleWrapper
-from mextract.training import TrainConfig, fit
+from mextract.training import TrainConfig, VictimRecipe, fit, train_victim
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,15 @@ class DawnWatermark(OracleWrapper):
     give p ≈ 7e-4), and the test gets its power from the attacker's budget — a very small
     attack (< ~1,500 queries at 0.4%) may leave too few marks to reach ``alpha`` at all.
 
+    What transfers (measured on mnist, ``benchmarks/dawn.py``, ``docs/defences.md``): a
+    mark is inherited only if the substitute *memorises* it. Hard-label substitutes do
+    (cross-entropy on one-hot answers leaves the network free to carve an island around
+    a single query); soft-label distillation mostly does not, because the other answers'
+    full probability vectors pin the function down around the marked point. An owner who
+    needs the mark in every substitute pairs DAWN with label-only answers
+    (``"dawn+label_only"``), which turns distillation into hard-label training. Marked
+    answers also poison finite-difference gradient estimates (SPSG), a side effect.
+
     Args:
         inner: the oracle to protect (any answer mode).
         key: the owner's secret (bytes, or a non-negative int).
@@ -309,14 +318,22 @@ class DawnWatermark(OracleWrapper):
 #: Training of the fingerprinting surrogates and references (small CNNs on small data).
 FINGERPRINT_TRAINING = TrainConfig(epochs=20, batch_size=64, lr=0.05)
 
+#: A model of the zoo by name, or a factory ``() -> nn.Module``.
+ModelSpec = str | Callable[[], nn.Module]
 
-def _new_model(
-    factory: str | Callable[[], nn.Module], shape: tuple[int, ...], k: int, seed: int
-) -> nn.Module:
+
+def _new_model(factory: ModelSpec, shape: tuple[int, ...], k: int, seed: int) -> nn.Module:
     from mextract.models import create_model
 
     with seeded(seed):
         return factory() if callable(factory) else create_model(factory, shape, k)
+
+
+def _specs(model: ModelSpec | Sequence[ModelSpec]) -> list[ModelSpec]:
+    specs: list[ModelSpec] = [model] if isinstance(model, str) or callable(model) else list(model)
+    if not specs:
+        raise InputError("model: expected at least one architecture")
+    return specs
 
 
 def train_surrogates(
@@ -325,23 +342,44 @@ def train_surrogates(
     n: int,
     *,
     seed: int = 0,
-    model: str | Callable[[], nn.Module] = "cnn",
+    model: ModelSpec | Sequence[ModelSpec] = "cnn",
     config: TrainConfig = FINGERPRINT_TRAINING,
     temperature: float = 3.0,
+    labels: str = "mixed",
     device: str | torch.device | None = "cpu",
 ) -> list[nn.Module]:
-    """Lukas et al.'s surrogates: ``n`` models distilled from the victim on the owner's ``x``
-    (the victim's soft labels at temperature ``T``, seeds ``seed, seed + 1, ...``)."""
+    """Lukas et al.'s surrogates: ``n`` models derived from the victim on the owner's ``x``.
+
+    The paper's surrogates are the outputs of the removal attacks it defends against,
+    chiefly retraining on the victim's labels and distillation. ``labels="soft"`` distils
+    the victim's probabilities at temperature ``T`` (Hinton et al.; the kd attack),
+    ``"hard"`` retrains on its top-1 labels (the hard-label attacks), and ``"mixed"`` (the
+    default) alternates the two (per round of architectures) so that the ensemble covers
+    both kinds of thief. ``model``
+    is one architecture or a sequence cycled over the ``n`` models (the paper mixes
+    architectures); seeds ``seed, seed + 1, ...``.
+    """
     from mextract.attacks.substitute import kd_loss
 
+    if labels not in ("soft", "hard", "mixed"):
+        raise InputError(f"labels: expected 'soft', 'hard' or 'mixed', got {labels!r}")
     with torch.no_grad():
         victim.eval()
         dev = next(victim.parameters()).device
-        targets = torch.softmax(victim(x.to(dev)) / temperature, dim=1).cpu()
-    shape, k = tuple(x.shape[1:]), targets.shape[1]
-    loss = kd_loss(temperature)
-    models = [_new_model(model, shape, k, seed + i) for i in range(n)]
-    return [fit(m, x, targets, loss, config, seed=seed + i, device=device) for i, m in enumerate(models)]
+        logits = victim(x.to(dev)).cpu()
+    soft, hard = torch.softmax(logits / temperature, dim=1), logits.argmax(dim=1)
+    shape, k = tuple(x.shape[1:]), logits.shape[1]
+    kd = kd_loss(temperature)
+    specs = _specs(model)
+    out = []
+    for i in range(n):
+        m = _new_model(specs[i % len(specs)], shape, k, seed + i)
+        # "mixed": soft and hard alternate per round of architectures, so each gets both
+        if labels == "soft" or (labels == "mixed" and (i // len(specs)) % 2 == 0):
+            out.append(fit(m, x, soft, kd, config, seed=seed + i, device=device))
+        else:
+            out.append(fit(m, x, hard, F.cross_entropy, config, seed=seed + i, device=device))
+    return out
 
 
 def train_references(
@@ -349,20 +387,35 @@ def train_references(
     n: int,
     *,
     seed: int = 0,
-    model: str | Callable[[], nn.Module] = "cnn",
+    model: ModelSpec | Sequence[ModelSpec] = "cnn",
     config: TrainConfig = FINGERPRINT_TRAINING,
+    recipe: VictimRecipe | str | Sequence[VictimRecipe | str | None] | None = None,
     device: str | torch.device | None = "cpu",
 ) -> list[nn.Module]:
     """Lukas et al.'s reference (independent) models: ``n`` models trained from scratch on
-    ``data``'s true labels with seeds ``seed, seed + 1, ...``."""
+    ``data``'s true labels with seeds ``seed, seed + 1, ...``; ``model`` as for
+    :func:`train_surrogates`.
+
+    ``recipe``: ``None`` trains with plain cross-entropy and ``config``; a victim recipe
+    (or preset name, e.g. ``"fast"``) trains like the victim (augmentation, label
+    smoothing; :func:`~mextract.training.train_victim`); a sequence is cycled per round of
+    architectures. The paper's references are trained like the source model: an
+    independent party may use the same recipe, and fingerprints made against plain
+    references only end up separating training recipes rather than lineage.
+    """
     if data.y is None:
         raise InputError(f"{data.name}: reference models need labels")
-    shape = data.input_shape
-    models = [_new_model(model, shape, data.num_classes, seed + i) for i in range(n)]
-    return [
-        fit(m, data.x, data.y, F.cross_entropy, config, seed=seed + i, device=device)
-        for i, m in enumerate(models)
-    ]
+    shape, k, specs = data.input_shape, data.num_classes, _specs(model)
+    recipes = [recipe] if recipe is None or isinstance(recipe, str | VictimRecipe) else list(recipe)
+    out = []
+    for i in range(n):
+        m = _new_model(specs[i % len(specs)], shape, k, seed + i)
+        r = recipes[(i // len(specs)) % len(recipes)] if recipes else None
+        if r is None:
+            out.append(fit(m, data.x, data.y, F.cross_entropy, config, seed=seed + i, device=device))
+        else:
+            out.append(train_victim(m, data, r, seed=seed + i, device=device))
+    return out
 
 
 def _mean_probs(models: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -383,18 +436,30 @@ def conferrability(
 
 @dataclass(frozen=True)
 class Fingerprints:
-    """Conferrable adversarial examples ``x``, the victim's labels on them and their scores."""
+    """Conferrable adversarial examples ``x``, the victim's labels on them, the victim's labels
+    on the seeds they were made from (``origin``) and their conferrability ``scores``."""
 
     x: torch.Tensor
     labels: torch.Tensor
     scores: torch.Tensor
+    origin: torch.Tensor
+
+    @property
+    def adversarial(self) -> torch.Tensor:
+        """Which fingerprints are adversarial examples of the victim (its label moved)."""
+        return self.labels != self.origin
 
     def retention(self, model: nn.Module) -> float:
-        """Fingerprint retention: agreement of ``model``'s labels with the victim's."""
+        """Fingerprint retention: the share of fingerprints on which ``model`` outputs the
+        victim's (adversarial) label."""
         return agreement(predict_labels(model, self.x), self.labels)
 
     def __len__(self) -> int:
         return len(self.x)
+
+
+def _project(x0: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    return (x0 + delta.clamp(-eps, eps)).clamp(0, 1) - x0
 
 
 def generate_fingerprints(
@@ -408,33 +473,68 @@ def generate_fingerprints(
     steps: int = 100,
     lr: float = 0.01,
     lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    pgd_steps: int = 10,
     batch_size: int = 256,
+    validation: tuple[Sequence[nn.Module], Sequence[nn.Module]] | None = None,
     device: str | torch.device | None = "cpu",
 ) -> Fingerprints:
     """CAEAdv (Lukas et al., ICLR 2021): conferrable adversarial examples from seeds ``x``.
 
-    For each seed ``x₀``, Adam optimises ``x' = clip(x₀ + δ, 0, 1)`` with ``‖δ‖∞ ≤ eps``
-    (projected after every step) to minimise the paper's loss
+    A fingerprint is an adversarial example ``x'`` of the victim ``M`` (its label moves from
+    ``y₀ = M(x₀)`` on the seed to a new label ``t``) that *transfers* to the surrogates ``S``
+    (models derived from ``M``) but not to the independent references ``R``. For each seed:
 
-        ``λ₁·H(1, σ(x')) − λ₂·H(M(x₀), M(x')) + λ₃·H(M(x'), S̄(x'))``
+    1. **target**: ``t₀ = argmax_{c ≠ y₀} mean_S S(x₀)_c · (1 − mean_R R(x₀)_c)``, the
+       class other than the seed's label that is already most conferrable at the seed;
+    2. **seed step** (deviation from the paper, see below): ``pgd_steps`` steps of targeted
+       L∞ PGD on the victim towards ``t₀`` (step ``2.5·eps/pgd_steps``, Madry et al.);
+       ``t`` becomes the victim's new label where it moved, else stays ``t₀``;
+    3. **CAEAdv**: Adam (``steps``, ``lr``) on ``x' = clip(x₀ + δ, 0, 1)``, ``‖δ‖∞ ≤ eps``
+       (projected after every step), minimising the paper's loss
 
-    where ``σ(x') = max_t mean_S S(x')_t·(1 − mean_R R(x')_t)`` is the conferrability score
-    (high when the surrogates ``S`` — models derived from the victim ``M`` — predict ``t``
-    and the independent references ``R`` do not), the second term pushes the victim away
-    from its label on the seed (``H`` is clamped at ``log 10⁴`` so that it cannot dominate
-    without bound) and the third makes the victim agree with the surrogates. The ``n``
-    candidates with the highest conferrability for the victim's own label are kept,
-    adversarial ones (the victim's label moved off its label on the seed) first.
-    ``eps`` is in pixel units of images in [0, 1] (the paper uses small ε on CIFAR-10; the
-    8×8 digits and 28×28 MNIST need larger steps to change labels at all).
+       ``λ₁·H(1, σ_t(x')) − λ₂·H(M(x₀), M(x')) + λ₃·H(M(x'), S̄(x'))``
+
+       with ``σ_t = mean_S S_t · (1 − mean_R R_t)``: high when the surrogates predict
+       ``t`` and the references do not; the second term pushes the victim off ``y₀`` (its
+       ``H`` is clamped at ``log 10⁴``, so once ``M(x')_{y₀} < 10⁻⁴`` it is satisfied and
+       stops pulling, instead of growing without bound); the third makes the victim agree
+       with the surrogates;
+    4. the candidate is the iterate with the highest ``σ_t`` among those where the victim
+       outputs ``t``; if there is none, the last iterate.
+
+    Only **adversarial** candidates (the victim's label on ``x'`` differs from ``y₀``) are
+    kept: the ``n`` with the highest conferrability for the victim's label, measured on
+    ``validation = (surrogates, references)`` (models the optimisation never saw, so that
+    the ranking does not reward overfitting to the generation models) if given. A
+    non-adversarial candidate is a point on which stolen and independent models alike
+    agree with the victim and carries no evidence. Fewer than ``n`` adversarial
+    candidates: a warning, and all of them are returned; none:
+    :class:`~mextract.errors.InputError` (raise ``eps`` or ``pgd_steps``).
+
+    Deviations from the paper, and why: the paper optimises ``σ = max_t`` from ``x₀``
+    directly. On the small, confident victims here the softmax is saturated at the seed,
+    the push-away term has almost no gradient and the ``max_t`` is taken at ``y₀`` itself,
+    so the optimisation ended on the seed's own label for almost every seed: points on
+    which every model agrees with the victim, not adversarial examples. Fixing ``t ≠ y₀``
+    and starting from a PGD step (the paper itself builds on iterative ensemble attacks)
+    gives the optimisation an adversarial starting point; CAEAdv then trades transfer to
+    the surrogates against transfer to the references. ``pgd_steps=10`` with step
+    ``2.5·eps/pgd_steps`` is Madry et al.'s usual schedule (it can cross the ε-ball
+    twice), not a tuned value; all other defaults are the previous ones. ``eps`` is in
+    pixel units of images in [0, 1] (the paper uses small ε on CIFAR-10; the 8×8 digits
+    and 28×28 MNIST need larger ones to change labels at all).
+    Verification is :meth:`Fingerprints.retention`: the share of fingerprints on which a
+    suspect outputs the victim's new label.
     """
     seeds = as_tensor(x, name="x", dtype=torch.float32)
     if not surrogates or not references:
         raise InputError("fingerprints need at least one surrogate and one reference model")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n: expected a positive integer, got {n!r}")
-    if not eps > 0 or not lr > 0 or steps < 1:
-        raise InputError(f"expected eps > 0, lr > 0 and steps >= 1, got {eps}, {lr}, {steps}")
+    if not eps > 0 or not lr > 0 or steps < 1 or pgd_steps < 0:
+        raise InputError(
+            f"expected eps > 0, lr > 0, steps >= 1 and pgd_steps >= 0, got {eps}, {lr}, {steps}, {pgd_steps}"
+        )
     dev = resolve_device(device)
     models = [m.to(dev).eval() for m in (victim, *surrogates, *references)]
     vm, sm, rm = models[0], models[1 : 1 + len(surrogates)], models[1 + len(surrogates) :]
@@ -449,13 +549,34 @@ def generate_fingerprints(
             x0 = seeds[i : i + batch_size].to(dev)
             with torch.no_grad():
                 p0 = torch.softmax(vm(x0), dim=1)
-            delta = torch.zeros_like(x0, requires_grad=True)
+                y0 = p0.argmax(dim=1)
+                conf0 = _mean_probs(sm, x0) * (1 - _mean_probs(rm, x0))
+                t = conf0.scatter(1, y0[:, None], -1.0).argmax(dim=1)
+            # seed step: targeted PGD on the victim towards t
+            delta = torch.zeros_like(x0)
+            for _ in range(pgd_steps):
+                delta.requires_grad_(True)
+                (grad,) = torch.autograd.grad(F.cross_entropy(vm((x0 + delta).clamp(0, 1)), t), delta)
+                delta = _project(x0, delta.detach() - 2.5 * eps / pgd_steps * grad.sign(), eps)
+            with torch.no_grad():
+                moved = vm((x0 + delta).clamp(0, 1)).argmax(dim=1)
+                t = torch.where(moved != y0, moved, t)
+            # CAEAdv, keeping the best iterate on which the victim outputs t
+            best, best_x = torch.full((len(x0),), -1.0, device=dev), (x0 + delta).clamp(0, 1)
+            delta.requires_grad_(True)
             opt = torch.optim.Adam([delta], lr=lr)
-            for _ in range(steps):
+            for step in range(steps + 1):
                 xa = (x0 + delta).clamp(0, 1)
-                pm = torch.softmax(vm(xa), dim=1)
+                logits = vm(xa)
+                pm = torch.softmax(logits, dim=1)
                 ps, pr = _mean_probs(sm, xa), _mean_probs(rm, xa)
-                sigma = (ps * (1 - pr)).max(dim=1).values
+                sigma = ps.gather(1, t[:, None]).squeeze(1) * (1 - pr.gather(1, t[:, None]).squeeze(1))
+                with torch.no_grad():
+                    better = (logits.argmax(dim=1) == t) & (sigma > best)
+                    best = torch.where(better, sigma, best)
+                    best_x = torch.where(better[:, None, None, None], xa, best_x)
+                if step == steps:
+                    break
                 h_conf = -torch.log(sigma.clamp_min(1e-12))
                 h_away = -(p0 * torch.log(pm.clamp_min(1e-4))).sum(dim=1)
                 h_agree = -(pm * torch.log(ps.clamp_min(1e-12))).sum(dim=1)
@@ -464,25 +585,34 @@ def generate_fingerprints(
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
-                    delta.clamp_(-eps, eps)
-                    delta.copy_((x0 + delta).clamp(0, 1) - x0)
-            out.append((x0 + delta.detach()).clamp(0, 1).cpu())
+                    delta.copy_(_project(x0, delta, eps))
+            with torch.no_grad():  # no iterate kept t: the last one
+                best_x = torch.where((best < 0)[:, None, None, None], (x0 + delta).clamp(0, 1), best_x)
+            out.append(best_x.detach().cpu())
     finally:
         for p, f in zip(params, flags, strict=True):
             p.requires_grad_(f)
     cand = torch.cat(out)
+    if validation is not None:  # rank on models the optimisation never saw
+        sm, rm = ([m.to(dev).eval() for m in group] for group in validation)
     with torch.no_grad():
         score, labels = conferrability(vm, sm, rm, cand.to(dev))
-        original = predict_labels(vm, seeds).to(labels.device)
-    # a fingerprint is an adversarial example: candidates whose victim label did not move
-    # (where every model, stolen or not, agrees with the victim) rank last
-    score = torch.where(labels != original, score, score - 2)
-    keep = score.argsort(descending=True)[: min(n, len(cand))].cpu()
+        score, labels = score.cpu(), labels.cpu()
+    origin = predict_labels(vm, seeds)
+    adversarial = (labels != origin).nonzero().squeeze(1)
+    if len(adversarial) == 0:
+        raise InputError(f"fingerprints: none of {len(cand)} seeds became adversarial (raise eps, pgd_steps)")
+    if len(adversarial) < n:
+        logger.warning(
+            "fingerprints: only %d of %d seeds became adversarial, keeping all of them "
+            "(raise eps, pgd_steps or the number of seeds)", len(adversarial), len(cand),
+        )  # fmt: skip
+    keep = adversarial[score[adversarial].argsort(descending=True)[:n]]
     logger.info(
-        "fingerprints: kept %d of %d candidates, conferrability %.3f..%.3f",
-        len(keep), len(cand), float(score[keep[-1]]), float(score[keep[0]]),
+        "fingerprints: kept %d of %d adversarial candidates (%d seeds), conferrability %.3f..%.3f",
+        len(keep), len(adversarial), len(cand), float(score[keep[-1]]), float(score[keep[0]]),
     )  # fmt: skip
-    return Fingerprints(cand[keep], labels.cpu()[keep], score.cpu()[keep])
+    return Fingerprints(cand[keep], labels[keep], score[keep], origin[keep])
 
 
 def fingerprint_auc(

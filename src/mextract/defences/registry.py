@@ -63,9 +63,11 @@ class Owner:
         with seeded(self.seed + 11):
             model = create_model(self.architecture, self.train.input_shape, self.train.num_classes)
         config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05)
-        return fit(
+        model = fit(
             model, self.train.x, self.train.y, misinformation_loss, config, seed=self.seed, device="cpu"
         )
+        self._misinformation[epochs] = model
+        return model
 
 
 Builder = Callable[[Oracle, Owner, dict[str, Any]], Oracle]

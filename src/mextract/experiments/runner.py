@@ -19,6 +19,7 @@ from mextract._utils import seeded
 from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
 from mextract.data import load_splits
+from mextract.defences.adversarial import PGDConfig, adversarial_training
 from mextract.errors import DataError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
 from mextract.metrics import Evaluator, accuracy
@@ -46,8 +47,13 @@ def train_victim_run(
     callback: Callback | None = None,
     resume: bool = True,
     trigger_target: int | None = None,
+    adversarial: PGDConfig | None = None,
 ) -> Record:
     """Stage 0: train a victim, save ``out/victim/`` (checkpoint) and ``out/victim.json``.
+
+    ``adversarial`` trains it with PGD adversarial training instead (Madry et al. 2018;
+    :func:`~mextract.defences.adversarial.adversarial_training`), a defence whose price is
+    the clean test accuracy in the record.
 
     ``trigger_target`` embeds the sources' trigger-set watermark: a 3×3 white patch at the
     bottom-right corner mapped to that class (:class:`~mextract.defences.TriggerWatermark`);
@@ -67,6 +73,8 @@ def train_victim_run(
         "data_root": None if data_root is None else str(data_root),
         "trigger_target": trigger_target,
     }
+    if adversarial is not None:  # absent otherwise, so that earlier records still match
+        config["adversarial"] = asdict(adversarial)
     record_path = out / VICTIM_RECORD
     if resume and record_path.is_file() and (out / VICTIM_DIR / "model.json").is_file():
         old = Record.load(record_path)
@@ -90,7 +98,11 @@ def train_victim_run(
 
         trigger = TriggerWatermark(target=trigger_target)
         train_data = watermark_training_set(train_data, trigger, seed=seed)
-    train_victim(net, train_data, recipe, seed=seed, device=device, on_epoch=on_epoch)
+    if adversarial is None:
+        train_victim(net, train_data, recipe, seed=seed, device=device, on_epoch=on_epoch)
+    else:
+        adversarial_training(net, train_data, recipe, attack=adversarial, seed=seed, device=device,
+                             on_epoch=on_epoch)  # fmt: skip
     acc = accuracy(net, splits.test)
     metrics = {"test_accuracy": acc}
     if trigger is not None and splits.test.y is not None:
