@@ -49,6 +49,8 @@ ROWS = [
     ("hard_boundary", "label"),
     ("hard_mixup", "label"),
     ("active_hard", "label"),
+    # does distillation memorise the marks when it trains four times longer?
+    ('kd:{"train": {"epochs": 160}}', "probs"),
     # the soft-label attacks again, against an owner who pairs DAWN with label-only answers
     ("kd", "label"),
     ("kd_erasing", "label"),

@@ -109,7 +109,10 @@ def test_matrix_records_every_cell_and_resumes(tmp_path: Path) -> None:
         assert by[key]["status"] == "ok" and by[key]["queries"] == 300 and by[key]["fidelity"] > 0.5
         assert by[key]["prada_flagged"] in (True, False)
     assert by[("dawn", "hard")]["dawn_marks"] > 5 and "dawn_wsr" in by[("dawn", "hard")]
-    assert "| label_only |" in (out / "matrix.md").read_text()
+    table = (out / "matrix.md").read_text()
+    assert "| label_only |" in table and "Fidelity of the substitute" in table
+    pivot = table.split("Fidelity of the substitute")[1]
+    assert pivot.count("| dawn:") == 1 and "| kd:" in pivot.splitlines()[2]  # one row per defence
     assert runner.invoke(app, args).exit_code == 0  # a re-run reuses every record
     assert [x.created for x in load_records(out)] == [x.created for x in records]
 

@@ -45,13 +45,14 @@ STAGE3_DEFENCES = ("honey",)
 STAGE3_ATTACKS = ("hard", 'hard_augment:{"flip": false}', "hard_boundary", "hard_mixup")
 
 #: The full matrix: every defence that wraps the API, at its defaults, and DAWN paired with
-#: label-only answers (which keeps its mark in distilled substitutes). The noise defence
+#: label-only answers (which keeps its mark in distilled substitutes), and MAD both as
+#: published (ε = 1 may move the top-1 label) and as MAD-argmax (it may not). The noise defence
 #: has no default privacy level; ε = 10 (Laplace scale 2/ε = 0.2 per probability) is a
 #: middle setting, noisy next to a confident answer's margin without drowning it.
 #: Adversarial training changes the victim itself: ``--pgd-eps``.
 FULL_DEFENCES = (
     "none", "honey", "topk", "rounding", "label_only", "reverse_sigmoid", 'dp_noise:{"epsilon": 10}',
-    "mad", "adaptive_misinformation", "dawn", "dawn+label_only",
+    "mad", 'mad:{"argmax": true}', "adaptive_misinformation", "dawn", "dawn+label_only",
 )  # fmt: skip
 #: Every learning-based attack of the catalogue that runs on an in-domain pool at an
 #: MNIST-size budget: knockoff with an in-domain random policy is ``kd`` and is left out,
@@ -273,9 +274,17 @@ def matrix_table(records: Sequence[Record]) -> str:
     def pct(v: Any) -> str:
         return "–" if not isinstance(v, float) else f"{100 * v:.2f}%"
 
-    for r in records:
-        if r.kind != "cell":
-            continue
+    cells = [r for r in records if r.kind == "cell"]
+
+    # group by defence, then attack, in the order of the full matrix, then of first
+    # appearance (cells of a resumed or extended run come back in the order they were computed)
+    def ranks(known: Sequence[str], key: str) -> dict[str, int]:
+        seen = dict.fromkeys([*known, *(r.config[key] for r in cells)])
+        return {name: i for i, name in enumerate(seen)}
+
+    d_rank, a_rank = ranks(FULL_DEFENCES, "defence"), ranks(FULL_ATTACKS, "attack")
+    cells.sort(key=lambda r: (d_rank[r.config["defence"]], a_rank[r.config["attack"]]))
+    for r in cells:
         d, m = r.config["defence"], r.metrics
         if m.get("status", "ok") != "ok":
             row = [
@@ -307,4 +316,20 @@ def matrix_table(records: Sequence[Record]) -> str:
         lines.append(
             f"\nPRADA false alarms on benign streams (test set, random order): {flagged}/{len(benign)}"
         )
+    # the same cells at a glance: the substitute's fidelity, one column per attack
+    defences = list(dict.fromkeys(r.config["defence"] for r in cells))
+    attacks = list(dict.fromkeys(r.config["attack"] for r in cells))
+    grid = {(r.config["defence"], r.config["attack"]): r.metrics for r in cells}
+    lines += [
+        "\nFidelity of the substitute (n/a: the attack cannot run against that API):\n",
+        "| defence | honest acc | " + " | ".join(attacks) + " |",
+        "|---|---:|" + "---:|" * len(attacks),
+    ]
+    for d in defences:
+        row = [d, pct(utility.get(d, {}).get("honest_accuracy"))]
+        for a in attacks:
+            m = grid.get((d, a))
+            ok = m is not None and m.get("status", "ok") == "ok"
+            row.append("" if m is None else pct(m.get("fidelity")) if ok else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
