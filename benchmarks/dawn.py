@@ -65,6 +65,22 @@ INDEPENDENT = [
 ]
 
 
+def independent_models(splits: Any, folder: Path) -> list[tuple[str, Any]]:
+    """The models of ``INDEPENDENT``, trained once (the `fast` recipe) and kept in ``folder``."""
+    out = []
+    for label, arch, split, seed in INDEPENDENT:
+        path = folder / f"independent-{arch}-{split}-{seed}"
+        if (path / "model.json").is_file():
+            model, _ = load_checkpoint(path)
+        else:
+            model = create_model(arch, (1, 28, 28), 10)
+            model = train_victim(model, getattr(splits, split), "fast", seed=seed)
+            meta = {"architecture": arch, "input_shape": [1, 28, 28], "num_classes": 10}
+            save_checkpoint(path, model, meta)
+        out.append((label, model.eval()))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=2000)
@@ -91,19 +107,7 @@ def main() -> None:
           + f" (keys {args.keys}); mean drop {100 * (plain - statistics.mean(marked)):.2f} points"
     )  # fmt: skip
 
-    independent = []
-    for label, arch, split, seed in INDEPENDENT:
-        folder = args.out / f"independent-{arch}-{split}-{seed}"
-        if (folder / "model.json").is_file():
-            model, _ = load_checkpoint(folder)
-        else:
-            model = train_victim(
-                create_model(arch, (1, 28, 28), 10), getattr(splits, split), "fast", seed=seed
-            )
-            save_checkpoint(
-                folder, model, {"architecture": arch, "input_shape": [1, 28, 28], "num_classes": 10}
-            )
-        independent.append((label, model.eval()))
+    independent = independent_models(splits, args.out)
 
     print(
         "\n| attack | answers | fidelity % | marks | substitute matches | WSR | max p | independent matches |"

@@ -264,6 +264,17 @@ def main() -> None:
     print(f"\nstolen retention {min(s_ret):.3f}..{max(s_ret):.3f} (mean {statistics.mean(s_ret):.3f}); "
           f"independent {min(i_ret):.3f}..{max(i_ret):.3f} (mean {statistics.mean(i_ret):.3f})")  # fmt: skip
     print(f"ROC AUC (held-out stolen vs independent): {auc:.3f}")
+    families = {  # which thieves do the fingerprints catch?
+        "distilled (kd, knockoff)": [n for n in stolen if n.startswith(("kd", "knockoff"))],
+        "hard-label (hard, hard_augment)": [n for n in stolen if n.startswith("hard")],
+        "fine-tuned copies": [n for n in stolen if n.startswith("victim fine-tuned")],
+    }
+    family_auc = {
+        name: fingerprint_auc(fp, [stolen[n] for n in names], list(indep.values()))
+        for name, names in families.items()
+        if names
+    }
+    print("ROC AUC by kind of thief: " + "; ".join(f"{k} {v:.3f}" for k, v in family_auc.items()))
     if threshold is not None:
         tp, fp_ = sum(r > threshold for r in s_ret), sum(r > threshold for r in i_ret)
         print(f"threshold {threshold:.3f} (max retention of {len(cal)} calibration references): "
@@ -273,6 +284,7 @@ def main() -> None:
         "dataset": args.dataset,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "auc": auc,
+        "auc_by_thief": family_auc,
         "threshold": threshold,
         "surrogate_retention": sur_ret,
         "reference_retention": ref_ret,

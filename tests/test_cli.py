@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_list_names_everything() -> None:
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for word in ("mnist", "cifar10", "resnet18", "vgg11", "kd", "hard", "label"):
+    for word in ("mnist", "cifar10", "resnet18", "vgg11", "kd", "hard", "label", "honey", "cosine"):
         assert word in result.output
 
 
@@ -96,23 +96,25 @@ def test_attack_with_an_out_of_domain_pool(tmp_path: Path) -> None:
 def test_matrix_records_every_cell_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "matrix"
     args = ["matrix", "--out", str(out), "--dataset", "digits", "--budget", "300", "--detect",
-            "-d", "none", "-d", "label_only", "-d", 'dawn:{"fraction": 0.05}',
+            "-d", "none", "-d", "label_only", "-d", 'dawn:{"fraction": 0.05}', "-d", "cosine",
             "-a", 'kd:{"train": {"epochs": 20}}', "-a", 'hard:{"train": {"epochs": 20}}',
             "--device", "cpu"]  # fmt: skip
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     records = load_records(out)
     cells = [x for x in records if x.kind == "cell"]
-    assert len(cells) == 6 and sum(x.kind == "defence" for x in records) == 3
+    assert len(cells) == 8 and sum(x.kind == "defence" for x in records) == 4
     by = {(c.config["defence"].split(":")[0], c.name): c.metrics for c in cells}
     for key in by:  # kd against a label API distils one-hot answers
         assert by[key]["status"] == "ok" and by[key]["queries"] == 300 and by[key]["fidelity"] > 0.5
         assert by[key]["prada_flagged"] in (True, False)
     assert by[("dawn", "hard")]["dawn_marks"] > 5 and "dawn_wsr" in by[("dawn", "hard")]
+    assert 0 < by[("cosine", "kd")]["cosine_p"] <= 1 and "cosine_z" in by[("cosine", "hard")]
     table = (out / "matrix.md").read_text()
     assert "| label_only |" in table and "Fidelity of the substitute" in table
-    pivot = table.split("Fidelity of the substitute")[1]
+    pivot, marks = table.split("Fidelity of the substitute")[1].split("Ownership verification")
     assert pivot.count("| dawn:") == 1 and "| kd:" in pivot.splitlines()[2]  # one row per defence
+    assert "| dawn:" in marks and "| cosine | CosWM" in marks and "| none" not in marks
     assert runner.invoke(app, args).exit_code == 0  # a re-run reuses every record
     assert [x.created for x in load_records(out)] == [x.created for x in records]
 

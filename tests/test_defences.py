@@ -10,6 +10,7 @@ from torch import nn
 
 from mextract.defences import (
     AdaptiveMisinformation,
+    CosineWatermark,
     HoneyLabels,
     LabelOnly,
     NoisyProbabilities,
@@ -51,6 +52,7 @@ def linear(seed: int) -> nn.Module:
         (lambda o: PredictionPoisoning(o, surrogate=linear(1), epsilon=0.0), "probs"),
         (lambda o: AdaptiveMisinformation(o, misinformation=linear(2), tau=0.0), "probs"),
         (lambda o: LabelOnly(o), "label"),
+        (lambda o: CosineWatermark(o, key=1, reference=X, epsilon=0.0), "probs"),
     ],
 )
 @pytest.mark.parametrize("inner_mode", ["logits", "probs"])
@@ -210,7 +212,12 @@ def test_defence_registry_builds_and_stacks_from_specs(digits_splits, digits_vic
         build_defence("honeypot", plain, owner)
     with pytest.raises(InputError, match="bad options"):
         build_defence('topk:{"kk": 2}', plain, owner)
-    assert {"honey", "mad", "dp_noise", "adaptive_misinformation"} <= set(DEFENCES)
+    assert {"honey", "mad", "dp_noise", "adaptive_misinformation", "cosine"} <= set(DEFENCES)
+    from mextract.defences.ownership import DawnWatermark
+
+    marks = build_defence('cosine:{"epsilon": 0.05}+dawn', plain, owner)
+    assert isinstance(marks, DawnWatermark) and isinstance(marks.inner, CosineWatermark)
+    assert marks.inner.epsilon == 0.05 and marks.mode is AnswerMode.PROBS
 
 
 def test_owner_trains_the_misinformation_model_once(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mextract.defences.cosine import CosineWatermark
 from mextract.defences.ownership import (
     DawnWatermark,
     TriggerWatermark,
@@ -131,18 +132,142 @@ def test_binomial_bound() -> None:
         binomial_verification(1, 2, 0.0)
 
 
+# ---------------------------------------------------------------------------- cosine watermark
+
+
+def _cosine(victim: nn.Module, reference: torch.Tensor, key: int = 0, **kw: object) -> CosineWatermark:
+    return CosineWatermark(_oracle(victim, "logits"), key, reference=reference, **kw)  # type: ignore[arg-type]
+
+
+def test_cosine_answers_follow_the_formula(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    x = digits_splits.pool.x
+    wm = _cosine(digits_victim, digits_splits.victim_train.x, epsilon=0.1)
+    q = _oracle(digits_victim).query(x)
+    answers = wm.query(x)
+    a = wm.signal(x).float()
+    t, e = wm.target, 0.1
+    torch.testing.assert_close(answers.sum(1), torch.ones(len(x)))
+    torch.testing.assert_close(answers[:, t], (q[:, t] + e * (1 + a)) / (1 + 2 * e))
+    others = [c for c in range(10) if c != t]
+    torch.testing.assert_close(answers[:, others], (q[:, others] + (e * (1 - a) / 9)[:, None]) / (1 + 2 * e))
+    # the projection is standardised on the reference, so the signal spans whole periods there
+    phase = torch.arccos(wm.signal(digits_splits.victim_train.x).clamp(-1, 1))
+    assert float(phase.max()) > 3.0 and float(phase.min()) < 0.2
+    # the top-1 answer moves only where the victim's own margin is below 2ε/(1 + 2ε)
+    moved = answers.argmax(1) != q.argmax(1)
+    top2 = q.topk(2, dim=1).values
+    assert bool(((top2[:, 0] - top2[:, 1])[moved] < 2 * e / (1 + 2 * e) + 1e-6).all())
+    # the key decides the direction and the class; the same key, the same answers
+    assert torch.equal(_cosine(digits_victim, digits_splits.victim_train.x).query(x), answers)
+    assert not torch.equal(_cosine(digits_victim, digits_splits.victim_train.x, key=1).query(x), answers)
+
+
+def test_cosine_verifies_a_distilled_model_but_not_innocent_ones(
+    digits_splits, digits_victim, independent
+) -> None:  # type: ignore[no-untyped-def]
+    """A cnn distilled (T = 3) from the watermarked answers carries the signal; the same
+    distillation from the plain answers, an independent model and the victim itself do not.
+    (Measured over keys 0-3: distilled cnns z = 4.9-6.5, all at the p-value floor 5e-4;
+    innocent models p >= 0.06.)"""
+    from mextract.attacks.substitute import kd_loss
+
+    pool, owner_x = digits_splits.pool.x, torch.cat([digits_splits.victim_train.x, digits_splits.test.x])
+    wm = _cosine(digits_victim, digits_splits.victim_train.x)
+    config = TrainConfig(epochs=30, batch_size=64, lr=0.05)
+
+    def distil(answers: torch.Tensor) -> nn.Module:
+        target = answers ** (1 / 3)
+        target = target / target.sum(1, keepdim=True)
+        return fit(create_model("cnn", (1, 8, 8), 10), pool, target, kd_loss(3.0), config, seed=0)
+
+    substitute = distil(wm.query(pool))
+    stolen = wm.verify(substitute, owner_x, baseline=digits_victim)  # on the owner's inputs
+    assert stolen.stolen and stolen.p_value == 1 / 2000 and stolen.z > 3, stolen
+    assert torch.equal(wm.logged_queries, pool)
+    on_log = wm.verify(substitute, baseline=digits_victim)  # on the thief's own queries
+    assert on_log.stolen and on_log.samples > 600, on_log
+    innocent = [
+        wm.verify(distil(_oracle(digits_victim).query(pool)), owner_x, baseline=digits_victim),
+        wm.verify(independent, owner_x, baseline=digits_victim),
+        wm.verify(digits_victim, owner_x),
+    ]
+    assert not any(r.stolen for r in innocent), innocent
+    assert all(r.null_keys == 1999 and r.samples > 900 for r in [stolen, *innocent])
+
+
+def test_cosine_p_value_is_exact_under_the_null(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    """A model that never saw the keyed answers: over 40 keys its p-values are uniform
+    (the rank of an exchangeable statistic), so about 10% fall below 0.1."""
+    owner_x = torch.cat([digits_splits.victim_train.x, digits_splits.test.x])
+    ps = [_cosine(digits_victim, owner_x, key=k, null_keys=199).verify(digits_victim, owner_x).p_value
+          for k in range(40)]  # fmt: skip
+    assert all(1 / 200 <= p <= 1 for p in ps)
+    assert sum(p < 0.1 for p in ps) <= 10  # Binomial(40, 0.1): P(> 10) < 0.3%
+    assert sum(p > 0.5 for p in ps) >= 12
+
+
+def test_cosine_log_is_a_bounded_uniform_sample(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    x = digits_splits.pool.x
+    wm = _cosine(digits_victim, digits_splits.victim_train.x, log_size=100)
+    for i in range(0, len(x), 64):
+        wm.query(x[i : i + 64])
+    log = wm.logged_queries
+    assert len(log) == 100
+    index = (log.flatten(1)[:, None] == x.flatten(1)[None]).all(2).float().argmax(1)
+    assert torch.equal(x[index], log)  # every kept query was asked
+    assert float(index.float().mean()) > 200  # not just the first 100 (mean ~ 360 if uniform)
+    with pytest.raises(InputError, match="no query"):
+        _cosine(digits_victim, digits_splits.victim_train.x).verify(digits_victim)
+
+
+def test_bad_cosine_parameters(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    ref = digits_splits.victim_train.x
+    for kwargs, match in [
+        ({"epsilon": -0.1}, "epsilon"),
+        ({"frequency": 0.0}, "frequency"),
+        ({"target": 10}, "target"),
+        ({"null_keys": 10}, "null_keys"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"log_size": -1}, "log_size"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            _cosine(digits_victim, ref, **kwargs)
+    with pytest.raises(InputError, match="logits"):
+        CosineWatermark(_oracle(digits_victim, "label"), 0, reference=ref)
+    with pytest.raises(InputError, match="constant"):
+        _cosine(digits_victim, torch.zeros(5, 1, 8, 8))
+    with pytest.raises(InputError, match="reference"):
+        _cosine(digits_victim, torch.zeros(5, 64))
+    with pytest.raises(InputError, match="key"):
+        CosineWatermark(_oracle(digits_victim), "secret", reference=ref)  # type: ignore[arg-type]
+    wm = _cosine(digits_victim, ref, target=3)
+    with pytest.raises(InputError, match="target class 3"):  # every input is of the target class
+        wm.verify(lambda x: torch.eye(10)[torch.full((len(x),), 3)], ref)
+    with pytest.raises(InputError, match="shape"):
+        wm.verify(digits_victim, torch.zeros(4, 64))
+
+
 # ---------------------------------------------------------------------------- fingerprints
 
 
 @pytest.fixture(scope="module")
 def fingerprint_setup(digits_splits, digits_victim):  # type: ignore[no-untyped-def]
-    """Tiny models (MLPs on 8×8 digits, about 2 s in all): 4 + 4 models to generate with."""
+    """Tiny models (MLPs on 8×8 digits, about 2 s in all): 4 + 4 models to generate with.
+
+    The surrogates are distilled (``labels="soft"``): they model the thief the held-out test
+    below steals with. ``eps`` is small (0.15 of the pixel range, 20 PGD steps to reach the
+    victim's new label): the larger the ball, the more an adversarial example transfers to
+    every model, independent ones included (with eps 0.3 and mixed surrogates, held-out
+    clones and independent models retained alike, AUC about 0.5)."""
     owner = digits_splits.victim_train
-    surrogates = train_surrogates(digits_victim, owner.x, 4, seed=10, model="mlp", config=SMALL)
+    surrogates = train_surrogates(
+        digits_victim, owner.x, 4, seed=10, model="mlp", config=SMALL, labels="soft"
+    )
     references = train_references(owner, 4, seed=20, model="mlp", config=SMALL)
     fp = generate_fingerprints(
-        digits_victim, surrogates, references, digits_splits.test.x[:150], n=40, eps=0.3, steps=50, lr=0.02
-    )
+        digits_victim, surrogates, references, digits_splits.test.x[:150],
+        n=40, eps=0.15, steps=50, lr=0.02, pgd_steps=20,
+    )  # fmt: skip
     return surrogates, references, fp
 
 
@@ -155,9 +280,9 @@ def test_fingerprints_are_adversarial_examples_of_the_victim(
     assert torch.equal(predict_labels(digits_victim, fp.x), fp.labels)
     assert bool((fp.labels != fp.origin).all())
     seeds = digits_splits.test.x[:150]
-    # each fingerprint lies within eps (0.3) of some seed whose victim label is its origin
+    # each fingerprint lies within eps (0.15) of some seed whose victim label is its origin
     dist = (fp.x[:, None] - seeds[None]).abs().flatten(2).max(dim=2).values
-    assert bool((dist.min(dim=1).values <= 0.3 + 1e-6).all())
+    assert bool((dist.min(dim=1).values <= 0.15 + 1e-6).all())
 
 
 def test_fingerprints_are_conferrable_on_their_own_models(digits_victim, fingerprint_setup) -> None:  # type: ignore[no-untyped-def]
@@ -173,8 +298,10 @@ def test_fingerprints_are_conferrable_on_their_own_models(digits_victim, fingerp
 def test_fingerprints_separate_held_out_clones_from_independent_models(
     digits_splits, digits_victim, fingerprint_setup
 ) -> None:  # type: ignore[no-untyped-def]
-    """Models that took no part in the generation: a distilled clone (the kd attack's loss on
-    the pool) and a fine-tuned copy of the victim retain more than independent models."""
+    """Models that took no part in the generation: distilled clones (the kd attack's loss on
+    the pool) and a fine-tuned copy of the victim retain more than independent models.
+    (Measured over three seeds of every model here: clones 0.48–0.95, independent
+    0.15–0.30.)"""
     from mextract.attacks.substitute import kd_loss
 
     _, _, fp = fingerprint_setup

@@ -8,6 +8,7 @@ owner side (:meth:`Evaluator.from_victim`) and never charged to the attacker's b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,21 +20,34 @@ from mextract.errors import InputError
 
 
 @torch.no_grad()
-def predict_labels(
-    model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device: str | None = None
-) -> torch.Tensor:
-    """Top-1 classes of a PyTorch classifier on ``x`` (in eval mode, restored after)."""
+def _batched(
+    model: nn.Module, x: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+    device: str | None,
+) -> list[torch.Tensor]:
     dev = next(model.parameters(), torch.empty(0)).device if device is None else resolve_device(device)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters(), torch.empty(0, dtype=x.dtype)).dtype
     try:
-        out = [
-            model(x[i : i + batch_size].to(dev, dtype)).argmax(1).cpu() for i in range(0, len(x), batch_size)
-        ]
+        return [head(model(x[i : i + batch_size].to(dev, dtype))).cpu() for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
+
+
+def predict_labels(
+    model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device: str | None = None
+) -> torch.Tensor:
+    """Top-1 classes of a PyTorch classifier on ``x`` (in eval mode, restored after)."""
+    out = _batched(model, x, lambda z: z.argmax(1), batch_size, device)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def predict_probs(
+    model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device: str | None = None
+) -> torch.Tensor:
+    """Softmax probabilities of a PyTorch classifier (logits out) on ``x``, in eval mode."""
+    out = _batched(model, x, lambda z: torch.softmax(z, dim=1), batch_size, device)
+    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:

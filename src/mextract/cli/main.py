@@ -268,9 +268,10 @@ def report(
 
 @app.command("list")
 def list_names() -> None:
-    """List datasets, models, attacks, answer modes and victim presets."""
+    """List datasets, models, attacks, defences, answer modes and victim presets."""
     from mextract.attacks import ATTACKS
     from mextract.data import DATASETS
+    from mextract.defences.registry import DEFENCES
     from mextract.models import MODELS
     from mextract.oracle import AnswerMode
     from mextract.training import VICTIM_PRESETS
@@ -279,6 +280,7 @@ def list_names() -> None:
     table.add_row("datasets", ", ".join(DATASETS))
     table.add_row("models", ", ".join(MODELS))
     table.add_row("attacks", ", ".join(ATTACKS))
+    table.add_row("defences", ", ".join(DEFENCES) + " (stack with +)")
     table.add_row("answer modes", ", ".join(m.value for m in AnswerMode))
     table.add_row("victim presets", ", ".join(VICTIM_PRESETS))
     console.print(table)

@@ -1,5 +1,6 @@
 """Defences: wrappers around an oracle that are themselves oracles, so they stack."""
 
+from mextract.defences.cosine import CosineVerification, CosineWatermark
 from mextract.defences.detection import ExtractionDetectedError, Prada, PradaClient, calibrate_delta
 from mextract.defences.ownership import DawnWatermark, TriggerWatermark, watermark_training_set
 from mextract.defences.perturb import (
@@ -16,6 +17,8 @@ from mextract.defences.perturb import (
 
 __all__ = [
     "AdaptiveMisinformation",
+    "CosineVerification",
+    "CosineWatermark",
     "DawnWatermark",
     "ExtractionDetectedError",
     "HoneyLabels",

@@ -19,6 +19,9 @@ Three families, each from its paper:
   adversarial examples of the victim that transfer to models *derived* from it
   (surrogates distilled from the victim) but not to *independent* models (references
   trained from scratch); a suspect's agreement with the victim on them is the evidence.
+
+The API mark that soft-label distillation inherits, the cosine watermark (CosWM), is in
+:mod:`mextract.defences.cosine`.
 """
 
 from __future__ import annotations
@@ -182,6 +185,19 @@ def binomial_verification(matches: int, total: int, p0: float, alpha: float = 1e
     return VerificationResult(matches, total, p0, p, alpha)
 
 
+def key_bytes(key: bytes | int) -> bytes:
+    """An owner's secret key as bytes (a non-negative int is written big-endian)."""
+    if isinstance(key, bool) or not isinstance(key, bytes | int):
+        raise InputError(f"key: expected bytes or a non-negative int, got {type(key).__name__}")
+    if isinstance(key, int):
+        if key < 0:
+            raise InputError(f"key: expected a non-negative int, got {key}")
+        key = key.to_bytes(max(1, (key.bit_length() + 7) // 8), "big")
+    if len(key) == 0:
+        raise InputError("key: expected a non-empty key")
+    return key
+
+
 #: DAWN's default share of watermarked answers: see :class:`DawnWatermark`.
 DAWN_FRACTION = 0.004
 
@@ -242,14 +258,7 @@ class DawnWatermark(OracleWrapper):
     ) -> None:
         if not isinstance(inner, Oracle):
             raise InputError(f"DawnWatermark: expected an Oracle to wrap, got {type(inner).__name__}")
-        if isinstance(key, bool) or not isinstance(key, bytes | int):
-            raise InputError(f"key: expected bytes or a non-negative int, got {type(key).__name__}")
-        if isinstance(key, int):
-            if key < 0:
-                raise InputError(f"key: expected a non-negative int, got {key}")
-            key = key.to_bytes(max(1, (key.bit_length() + 7) // 8), "big")
-        if len(key) == 0:
-            raise InputError("key: expected a non-empty key")
+        key = key_bytes(key)
         if not 0 < fraction < 1:
             raise InputError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         if not 0 < alpha < 1:
@@ -362,6 +371,11 @@ def train_surrogates(
     both kinds of thief. ``model``
     is one architecture or a sequence cycled over the ``n`` models (the paper mixes
     architectures); seeds ``seed, seed + 1, ...``.
+
+    Measured (``benchmarks/fingerprint.py``, ``docs/defences.md``): hard-label thieves are
+    not told apart from independent models whatever the surrogates (their labels agree
+    with the true ones almost everywhere), and ``"soft"`` surrogates with a smaller ``eps``
+    separate distilled thieves best (digits: AUC 1.000 against 0.967 with ``"mixed"``).
     """
     from mextract.attacks.substitute import kd_loss
 

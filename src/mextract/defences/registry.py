@@ -88,6 +88,14 @@ def _dawn(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     return DawnWatermark(inner, key.encode() if isinstance(key, str) else key, **opts)
 
 
+def _cosine(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+    from mextract.defences.cosine import CosineWatermark
+
+    key = opts.pop("key", f"mextract-cosine-{owner.seed}".encode())
+    key = key.encode() if isinstance(key, str) else key
+    return CosineWatermark(inner, key, reference=owner.train.x, **opts)
+
+
 def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     epochs = int(opts.pop("epochs", 10))
     return AdaptiveMisinformation(inner, misinformation=owner.misinformation_model(epochs), **opts)
@@ -104,6 +112,7 @@ DEFENCES: dict[str, Builder] = {
     "mad": _mad,
     "adaptive_misinformation": _misinformation,
     "dawn": _dawn,
+    "cosine": _cosine,
 }
 
 

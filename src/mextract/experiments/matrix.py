@@ -5,9 +5,9 @@ API) the owner-side utility — honest users' top-1 accuracy through the defende
 is measured once; then every attack runs against a fresh copy of the defended API with
 the same budget. Each cell records the substitute's test accuracy and fidelity, the
 queries the ledger counted, and, when enabled, the trigger watermark's success rate
-(WSR) on the substitute, DAWN's verification of the substitute, and PRADA's first
-alarm. An attack that cannot run against a defence (a soft-label attack against a
-label-only API) is recorded as not applicable with the reason.
+(WSR) on the substitute, DAWN's and the cosine watermark's verification of the
+substitute, and PRADA's first alarm. An attack that cannot run against a defence (a
+soft-label attack against a label-only API) is recorded as not applicable with the reason.
 
 Every cell is a JSON record in the run folder; re-running reuses finished cells.
 """
@@ -27,6 +27,7 @@ from mextract.attacks.base import Callback
 from mextract.attacks.registry import parse_attack_spec
 from mextract.data import load_splits
 from mextract.defences.adversarial import PGDConfig
+from mextract.defences.cosine import CosineWatermark
 from mextract.defences.detection import Prada
 from mextract.defences.ownership import DawnWatermark, TriggerWatermark
 from mextract.defences.registry import Owner, build_defence, honest_accuracy
@@ -45,14 +46,16 @@ STAGE3_DEFENCES = ("honey",)
 STAGE3_ATTACKS = ("hard", 'hard_augment:{"flip": false}', "hard_boundary", "hard_mixup")
 
 #: The full matrix: every defence that wraps the API, at its defaults, and DAWN paired with
-#: label-only answers (which keeps its mark in distilled substitutes), and MAD both as
+#: label-only answers (which keeps its mark in distilled substitutes), the cosine watermark
+#: alone and under DAWN (the owner's mark for soft- and hard-label thieves), and MAD both as
 #: published (ε = 1 may move the top-1 label) and as MAD-argmax (it may not). The noise defence
-#: has no default privacy level; ε = 10 (Laplace scale 2/ε = 0.2 per probability) is a
-#: middle setting, noisy next to a confident answer's margin without drowning it.
+#: has no default privacy level; ε = 10 per query (Laplace scale 2/ε = 0.2 on each
+#: probability) is weak privacy, yet noise of the order of a confident answer's margin.
 #: Adversarial training changes the victim itself: ``--pgd-eps``.
 FULL_DEFENCES = (
     "none", "honey", "topk", "rounding", "label_only", "reverse_sigmoid", 'dp_noise:{"epsilon": 10}',
-    "mad", 'mad:{"argmax": true}', "adaptive_misinformation", "dawn", "dawn+label_only",
+    "mad", 'mad:{"argmax": true}', "adaptive_misinformation", "dawn", "dawn+label_only", "cosine",
+    "cosine+dawn",
 )  # fmt: skip
 #: Every learning-based attack of the catalogue that runs on an in-domain pool at an
 #: MNIST-size budget: knockoff with an in-domain random policy is ``kd`` and is left out,
@@ -237,6 +240,13 @@ def _cell(
     if dawn is not None:
         verdict = dawn.verify(result.model)
         metrics.update({"dawn_marks": verdict.total, "dawn_wsr": verdict.wsr, "dawn_p": verdict.p_value})
+    cosine = _find(api, CosineWatermark)
+    if cosine is not None:  # against the unmarked victim: on the thief's logged queries, and
+        check = cosine.verify(result.model, baseline=victim)  # on the owner's own inputs
+        metrics.update({"cosine_stat": check.statistic, "cosine_z": check.z, "cosine_p": check.p_value})
+        owner_x = torch.cat([splits.victim_train.x, splits.test.x])
+        check = cosine.verify(result.model, owner_x, baseline=victim)
+        metrics.update({"cosine_owner_z": check.z, "cosine_owner_p": check.p_value})
     if monitor is not None:
         report = monitor.report("attacker")
         metrics.update({"prada_flagged": report.flagged, "prada_first_alarm": report.first_alarm})
@@ -267,6 +277,7 @@ def matrix_table(records: Sequence[Record]) -> str:
         "fidelity",
         "WSR",
         "DAWN",
+        "CosWM",
         "PRADA alarm",
     ]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -297,17 +308,21 @@ def matrix_table(records: Sequence[Record]) -> str:
                 "",
                 "",
                 "",
+                "",
             ]
         else:
             dawn = "–"
             if "dawn_marks" in m:
                 dawn = f"{pct(m['dawn_wsr'])} of {m['dawn_marks']} (p={m['dawn_p']:.1e})"
+            cosine = "–"
+            if "cosine_p" in m:
+                cosine = f"z={m['cosine_z']:.1f} (p={m['cosine_p']:.1e})"
             alarm = "–"
             if "prada_flagged" in m:
                 alarm = f"query {m['prada_first_alarm'] + 1}" if m["prada_flagged"] else "none"
             row = [
                 d, pct(utility.get(d, {}).get("honest_accuracy")), r.config["attack"], f"{m['queries']:,}",
-                pct(m.get("test_accuracy")), pct(m.get("fidelity")), pct(m.get("wsr")), dawn, alarm,
+                pct(m.get("test_accuracy")), pct(m.get("fidelity")), pct(m.get("wsr")), dawn, cosine, alarm,
             ]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     benign = [(k, v) for k, v in utility.items() if "prada_benign_flagged" in v]
@@ -332,4 +347,21 @@ def matrix_table(records: Sequence[Record]) -> str:
             ok = m is not None and m.get("status", "ok") == "ok"
             row.append("" if m is None else pct(m.get("fidelity")) if ok else "n/a")
         lines.append("| " + " | ".join(row) + " |")
+    # the API marks at a glance: the p-value of each verification, one column per attack
+    tests = (("DAWN", "dawn_p"), ("CosWM", "cosine_p"))
+    marked = [d for d in defences if any(k in m for (dd, _), m in grid.items() if dd == d for _, k in tests)]
+    if marked:
+        lines += [
+            "\nOwnership verification of the substitute: p-values of DAWN's binomial test and of the "
+            "cosine watermark's key test (verified when below 1e-3):\n",
+            "| defence | " + " | ".join(attacks) + " |",
+            "|---|" + "---:|" * len(attacks),
+        ]
+        for d in marked:
+            row = [d]
+            for a in attacks:
+                m = grid.get((d, a)) or {}
+                parts = [f"{name} {m[k]:.1e}" for name, k in tests if k in m]
+                row.append(", ".join(parts) if parts else "n/a")
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
