@@ -245,6 +245,8 @@ def test_bad_cosine_parameters(digits_splits, digits_victim) -> None:  # type: i
         wm.verify(lambda x: torch.eye(10)[torch.full((len(x),), 3)], ref)
     with pytest.raises(InputError, match="shape"):
         wm.verify(digits_victim, torch.zeros(4, 64))
+    with pytest.raises(InputError, match="NaN"):
+        wm.verify(lambda x: torch.full((len(x), 10), float("nan")), ref)
 
 
 # ---------------------------------------------------------------------------- fingerprints

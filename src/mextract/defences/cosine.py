@@ -297,10 +297,13 @@ class CosineWatermark(OracleWrapper):
 
 def _probabilities(model: Model, x: torch.Tensor) -> torch.Tensor:
     if isinstance(model, nn.Module):
-        return predict_probs(model, x)
-    out = torch.as_tensor(model(x)).detach().cpu()
+        out = predict_probs(model, x)
+    else:
+        out = torch.as_tensor(model(x)).detach().cpu()
     if out.dim() != 2 or len(out) != len(x):
         raise InputError(f"suspect: expected probabilities shaped ({len(x)}, K), got {tuple(out.shape)}")
+    if not bool(torch.isfinite(out).all()):  # a NaN statistic would rank as the top key
+        raise InputError("suspect: its outputs contain NaN or infinite values")
     return out
 
 
