@@ -126,11 +126,11 @@ def _stream(key: bytes, label: bytes) -> int:
     return int.from_bytes(hmac.new(key, label, hashlib.sha256).digest()[:8], "big") >> 1
 
 
-def _unit_vectors(seed: int, dim: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``n`` Gaussian directions in ``dim`` dimensions, normalised: a ``(dim, n)`` matrix."""
+def _unit_vectors(seed: int, dim: int, n: int) -> torch.Tensor:
+    """``n`` Gaussian directions in ``dim`` dimensions, normalised: a float64 ``(dim, n)`` matrix."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(dim, n, generator=g, dtype=torch.float64)
-    return (u / u.norm(dim=0, keepdim=True)).to(dtype)
+    return u / u.norm(dim=0, keepdim=True)
 
 
 class CosineWatermark(OracleWrapper):
@@ -194,7 +194,7 @@ class CosineWatermark(OracleWrapper):
         self.log_size, self._log, self._seen = log_size, torch.empty(0, *self.input_shape), 0
         self._reservoir = torch.Generator().manual_seed(_stream(key, b"cosine-log"))
         dim = math.prod(self.input_shape)
-        self._v = _unit_vectors(_stream(key, b"cosine-projection"), dim, 1, torch.float64)[:, 0]
+        self._v = _unit_vectors(_stream(key, b"cosine-projection"), dim, 1)[:, 0]
         ref = as_tensor(reference, name="reference", dtype=torch.float64)
         check_shape(ref, self.input_shape, name="reference")
         if len(ref) < 2:
@@ -275,7 +275,7 @@ class CosineWatermark(OracleWrapper):
         stats = [self._statistics(flat, r, self._v[:, None])]
         for start in range(0, self.null_keys, 500):  # chunks bound the memory to ~500 columns
             n = min(500, self.null_keys - start)
-            directions = _unit_vectors(seed + start, flat.shape[1], n, torch.float64)
+            directions = _unit_vectors(seed + start, flat.shape[1], n)
             stats.append(self._statistics(flat, r, directions))
         s = torch.cat(stats)
         key_stat, null = float(s[0]), s[1:]

@@ -81,19 +81,22 @@ def _mad(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     return PredictionPoisoning(inner, surrogate=owner.surrogate(), **opts)
 
 
+def _owner_key(opts: dict[str, Any], mark: str, owner: Owner) -> bytes | int:
+    """A watermark's key from the spec's options (a JSON string or int), else per mark and seed."""
+    key = opts.pop("key", f"mextract-{mark}-{owner.seed}")
+    return key.encode() if isinstance(key, str) else key
+
+
 def _dawn(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     from mextract.defences.ownership import DawnWatermark
 
-    key = opts.pop("key", f"mextract-dawn-{owner.seed}".encode())
-    return DawnWatermark(inner, key.encode() if isinstance(key, str) else key, **opts)
+    return DawnWatermark(inner, _owner_key(opts, "dawn", owner), **opts)
 
 
 def _cosine(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
     from mextract.defences.cosine import CosineWatermark
 
-    key = opts.pop("key", f"mextract-cosine-{owner.seed}".encode())
-    key = key.encode() if isinstance(key, str) else key
-    return CosineWatermark(inner, key, reference=owner.train.x, **opts)
+    return CosineWatermark(inner, _owner_key(opts, "cosine", owner), reference=owner.train.x, **opts)
 
 
 def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
