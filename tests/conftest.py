@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,15 @@ from torch import nn
 from mextract.data import load_splits
 from mextract.models import create_model
 from mextract.training import TrainConfig, VictimRecipe, train_victim
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """The command line sets torch's threads for its process; in-process CLI tests must not
+    leave the rest of the suite on one thread."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import Counting
 
 from mextract.attacks import ATTACKS, HardLabel, KnockoffDistillation, create_attack
+from mextract.attacks.base import BudgetWarning
 from mextract.errors import BudgetExceededError, InputError, UnknownNameError
 from mextract.metrics import Evaluator
 from mextract.oracle import VictimOracle
@@ -45,8 +48,20 @@ def test_tiny_steal_reaches_fidelity_and_spends_exactly_the_budget(
 def test_budget_larger_than_pool_spends_only_the_pool(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
     oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10)
     pool = digits_splits.pool.x[:50]
-    result = KnockoffDistillation(train=TrainConfig(epochs=1)).__call__(oracle, pool, 10_000, seed=0)
-    assert result.queries == 50 == oracle.ledger.count
+    with pytest.warns(BudgetWarning, match="budget 10,000 is more than attack 'kd' can spend from a pool"):
+        result = KnockoffDistillation(train=TrainConfig(epochs=1)).__call__(oracle, pool, 10_000, seed=0)
+    assert result.queries == 50 == oracle.ledger.count and result.budget == 10_000
+
+
+def test_attacks_that_make_their_queries_have_no_pool_cap(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    from mextract.attacks.hard import HardMixup
+
+    oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10, mode="label")
+    assert HardMixup().max_queries(20) is None and KnockoffDistillation().max_queries(20) == 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)
+        result = HardMixup(train=TrainConfig(epochs=1))(oracle, digits_splits.pool.x[:20], 60, seed=0)
+    assert result.queries == 60
 
 
 def test_an_attack_cannot_pass_its_budget(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]

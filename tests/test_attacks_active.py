@@ -8,6 +8,7 @@ from helpers import Counting
 from torch import nn
 
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich, round_sizes
+from mextract.attacks.base import BudgetWarning
 from mextract.attacks.selection import (
     STRATEGIES,
     EntropySelection,
@@ -177,9 +178,10 @@ def test_budget_larger_than_pool_takes_the_pool_once(digits_splits, digits_victi
     victim = Counting(digits_victim)
     oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="label")
     pool = digits_splits.pool.x[:40]
-    result = ActiveExtraction(train=TrainConfig(epochs=1), round_epochs=1, rounds=3)(
-        oracle, pool, 1000, seed=0
-    )
+    with pytest.warns(BudgetWarning, match="pool of 40 samples"):
+        result = ActiveExtraction(train=TrainConfig(epochs=1), round_epochs=1, rounds=3)(
+            oracle, pool, 1000, seed=0
+        )
     assert result.queries == 40 == victim.evaluated
 
 

@@ -200,12 +200,36 @@ def test_mixup_queries_mixtures_of_labelled_endpoints(digits_splits, digits_vict
     assert float(mixed.max()) <= float(pool.max()) + 1e-6
 
 
-@pytest.mark.parametrize("target", ["pair", "oracle", "both"])
-def test_mixup_targets(digits_splits, digits_victim, target) -> None:  # type: ignore[no-untyped-def]
-    oracle = _oracle(digits_victim)
-    result = HardMixup(train=ONE, target=target)(oracle, digits_splits.pool, 60, seed=0, device="cpu")
-    assert result.queries == 60
-    assert result.config["target"] == target
+def test_mixup_target_option_changes_the_training_targets_of_the_same_queries(
+    digits_splits, digits_victim, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Same seed, same queries; "pair" trains on the endpoints' interpolated labels, "oracle" on
+    the victim's label of each mixed image, "both" on their average."""
+    import mextract.attacks.hard as hard
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(ctx, x, targets, **kw):  # type: ignore[no-untyped-def]
+        seen[current] = (x.clone(), targets.clone())
+        return ctx.make_substitute()
+
+    monkeypatch.setattr(hard, "train_substitute", capture)
+    for current in ("pair", "oracle", "both"):
+        result = HardMixup(train=ONE, target=current)(_oracle(digits_victim), digits_splits.pool, 60, seed=0)
+        assert result.queries == 60 and result.config["target"] == current
+    x, pair = seen["pair"]
+    assert torch.equal(seen["oracle"][0], x) and torch.equal(seen["both"][0], x)  # the same queries
+    oracle, both = seen["oracle"][1], seen["both"][1]
+    s = 30  # seed_fraction ½: 30 endpoints, then 30 mixed images
+    with torch.no_grad():
+        victim_labels = digits_victim(x).argmax(1)
+    for t in (pair, oracle, both):  # endpoints: one-hot victim labels whatever the option
+        assert torch.equal(t[:s], torch.nn.functional.one_hot(victim_labels[:s], 10).float())
+    assert torch.equal(oracle[s:], torch.nn.functional.one_hot(victim_labels[s:], 10).float())
+    assert torch.allclose(both[s:], (pair[s:] + oracle[s:]) / 2)
+    assert torch.allclose(pair[s:].sum(1), torch.ones(s))
+    assert int((pair[s:] > 0).sum(1).max()) == 2  # an interpolation of two labels, not a one-hot
+    assert not torch.allclose(pair[s:], oracle[s:])
 
 
 def test_beta_draws() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import Counting
 
-from mextract.attacks.base import AttackContext
+from mextract.attacks.base import AttackContext, BudgetWarning
 from mextract.attacks.datafree import DataFreeExtraction, DFMEGenerator, victim_logits
 from mextract.attacks.knockoff import KnockoffNets
 from mextract.data.transfer import conform_images, kmeans, load_pool, natural_patches
@@ -164,7 +164,8 @@ def test_knockoff_spends_at_most_the_pool(digits_victim, mnist_pool_8x8) -> None
     for policy in ("random", "adaptive"):
         oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10)
         attack = KnockoffNets(policy=policy, pool_labels=mnist_pool_8x8.y[:37], train=TrainConfig(epochs=1))
-        result = attack(oracle, mnist_pool_8x8.x[:37], 10_000, seed=0, device="cpu")
+        with pytest.warns(BudgetWarning, match="'knockoff' can spend from a pool of 37"):
+            result = attack(oracle, mnist_pool_8x8.x[:37], 10_000, seed=0, device="cpu")
         assert result.queries == oracle.ledger.count == 37
 
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mextract.data import DATASETS, files, load_file, load_splits
+from mextract.data import (
+    DATASETS,
+    IMAGE_RANGE,
+    UNBOUNDED,
+    ValueRange,
+    dataset_info,
+    files,
+    load_file,
+    load_splits,
+)
 from mextract.data.augment import flip_crop, trivial_augment_wide
 from mextract.data.files import CIFAR10_CLASSES, cache_dir
 from mextract.errors import DataError, InputError, UnknownNameError
@@ -41,8 +50,10 @@ def test_bundled_sets_split_and_standardise(name: str) -> None:
 
 
 def test_unknown_dataset_and_bad_fraction() -> None:
-    with pytest.raises(UnknownNameError, match="unknown dataset 'mnsit'; expected one of: mnist"):
+    with pytest.raises(UnknownNameError, match=r"unknown dataset 'mnsit'; did you mean 'mnist'\? expected"):
         load_splits("mnsit")
+    with pytest.raises(UnknownNameError, match="unknown dataset 'xyz'; expected one of"):  # no close match
+        load_splits("xyz")
     with pytest.raises(InputError, match="victim_fraction"):
         load_splits("iris", victim_fraction=1.5)
     assert "cifar10" in DATASETS
@@ -187,3 +198,64 @@ def test_augmentations_keep_shape_range_and_are_seeded() -> None:
     assert c.shape == x.shape
     same = flip_crop(x, torch.Generator().manual_seed(0), pad=0, flip=False)
     assert torch.equal(same, x)
+
+
+# --------------------------------------------------------------------------- declared value ranges
+
+
+@pytest.mark.parametrize("name", ["mnist", "digits", "breast_cancer", "wine", "iris"])
+def test_dataset_info_matches_the_loaded_data_and_its_declared_range(name: str) -> None:
+    info = dataset_info(name)
+    s = load_splits(name, seed=0)
+    assert info.input_shape == s.test.input_shape and info.num_classes == s.test.num_classes
+    for part in (s.victim_train, s.pool, s.test):
+        assert part.declared_range == info.value_range
+        part.declared_range.check(part.x, name)  # the bundled data lies in its own range
+    assert info.value_range == (IMAGE_RANGE if len(info.input_shape) == 3 else UNBOUNDED)
+
+
+def test_dataset_info_checks_without_loading(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="MEXTRACT_CIFAR10"):
+        dataset_info("cifar10")
+    with pytest.raises(DataError, match="nowhere: no such path"):
+        dataset_info("cifar10", tmp_path / "nowhere")
+    assert dataset_info("cifar10", tmp_path).input_shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.full((4, 1, 28, 28), 200.0, np.float32), r"lie in \[200, 200\], expected \[0, 1\].*--scale 255"),
+        (np.full((4, 1, 28, 28), -0.5, np.float32), r"values lie in \[-0.5, -0.5\], expected \[0, 1\]$"),
+        (np.full((4, 1, 28, 28), np.nan, dtype=np.float32), "NaN"),
+        (np.zeros((4, 3, 5), dtype=np.float32), "expected 'x' of shape"),
+        (np.zeros((4, 1, 28, 28), dtype=np.complex64), "real numeric"),
+    ],
+)
+def test_user_files_out_of_range_are_named_errors(tmp_path: Path, x: np.ndarray, message: str) -> None:
+    np.savez(tmp_path / "pool.npz", x=x)
+    with pytest.raises(DataError, match=message) as err:
+        load_splits("mnist", pool_data=tmp_path / "pool.npz")
+    assert "pool.npz" in str(err.value)
+
+
+def test_scale_converts_float_pixels_when_asked(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).integers(0, 256, size=(5, 1, 28, 28)).astype(np.float32)
+    np.savez(tmp_path / "pool.npz", x=x)
+    pool = load_splits("mnist", pool_data=tmp_path / "pool.npz", scale=255).pool
+    torch.testing.assert_close(pool.x, torch.from_numpy(x / 255.0))
+    with pytest.raises(InputError, match="scale"):
+        load_splits("mnist", pool_data=tmp_path / "pool.npz", scale=0)
+
+
+def test_value_range_round_trips_and_checkpoints_declare_it(tmp_path: Path) -> None:
+    from mextract.models import create_model, load_checkpoint, save_checkpoint
+
+    r = ValueRange(0.0, 1.0)
+    assert ValueRange.from_json(r.to_json(), (1, 8, 8)) == r and str(UNBOUNDED) == "[-inf, inf]"
+    with pytest.raises(InputError, match="low < high"):
+        ValueRange(1.0, 0.0)
+    # a checkpoint written before the field existed: the convention for its shape
+    save_checkpoint(tmp_path / "c", create_model("mlp", (4,), 3), {"architecture": "mlp", "input_shape": [4],
+                                                                   "num_classes": 3})  # fmt: skip
+    assert load_checkpoint(tmp_path / "c")[1]["value_range"] == {"low": None, "high": None}

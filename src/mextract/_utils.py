@@ -16,9 +16,20 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InputError(f"expected a device such as 'cpu', 'cuda' or 'auto', got {device!r}") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"expected a device such as 'cpu', 'cuda' or 'auto', got {device!r}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {str(device)!r}: MPS is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r}: CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return dev
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ says what was expected and what was given.
 
 from __future__ import annotations
 
+import difflib
+
 
 class MextractError(Exception):
     """Base class of every error mextract raises on purpose."""
@@ -21,7 +23,9 @@ class UnknownNameError(MextractError, KeyError):
 
     def __init__(self, kind: str, name: str, known: list[str] | tuple[str, ...]) -> None:
         self.kind, self.name, self.known = kind, name, list(known)
-        super().__init__(f"unknown {kind} {name!r}; expected one of: {', '.join(self.known)}")
+        close = difflib.get_close_matches(str(name), self.known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        super().__init__(f"unknown {kind} {name!r}; {hint}expected one of: {', '.join(self.known)}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ class Evaluator:
     victim_labels: torch.Tensor
 
     @classmethod
-    def from_victim(cls, victim: object, test: Dataset, **oracle_kwargs: object) -> Evaluator:
+    def from_victim(cls, victim: object, test: Dataset, **oracle_kwargs: Any) -> Evaluator:
         """Label ``test`` with the victim through a private, unbudgeted owner-side oracle."""
         from mextract.oracle import VictimOracle
 
@@ -80,7 +81,7 @@ class Evaluator:
             input_shape=test.input_shape,
             num_classes=test.num_classes,
             mode="label",
-            **oracle_kwargs,  # type: ignore[arg-type]
+            **oracle_kwargs,
         )
         labels = owner.query(test.x).argmax(1)
         return cls(test, labels)

@@ -57,7 +57,9 @@ class TrainConfig:
             raise UnknownNameError("optimizer", str(self.optimizer), ["sgd", "adam"])
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig, steps: int) -> tuple[torch.optim.Optimizer, object]:
+def _optimizer(
+    model: nn.Module, cfg: TrainConfig, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     if cfg.optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(
             model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -117,12 +119,16 @@ def fit(
                 if transform is not None:
                     xb = transform(xb, gen)
                 xb, tb = xb.to(dev), targets[idx].to(dev)
-                loss = batch_loss(model, xb, tb) if batch_loss is not None else loss_fn(model(xb), tb)  # type: ignore[misc]
+                if batch_loss is not None:
+                    loss = batch_loss(model, xb, tb)
+                else:
+                    assert loss_fn is not None  # exactly one of the two, checked above
+                    loss = loss_fn(model(xb), tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 if sched is not None:
-                    sched.step()  # type: ignore[attr-defined]
+                    sched.step()
             model.eval()
             if on_epoch is not None:
                 on_epoch(epoch, model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -83,6 +84,9 @@ class AttackContext:
     device: torch.device
     callback: Callback | None
     history: list[HistoryPoint] = field(default_factory=list)
+    #: attack-specific final metrics that :meth:`Attack.run` reports (e.g. a direct
+    #: attack's verification error); they go into the result's ``metrics``
+    metrics: dict[str, float] = field(default_factory=dict)
     start_count: int = 0
     start_time: float = field(default_factory=time.perf_counter)
 
@@ -165,6 +169,7 @@ class Attack(ABC):
         if self.needs_pool and (x_pool is None or len(x_pool) == 0):
             raise InputError(f"attack {self.name!r} needs a non-empty attacker pool")
         self.check_params(oracle, x_pool, budget)
+        check_budget(self, budget, None if x_pool is None else len(x_pool))
         gen = torch.Generator().manual_seed(seed)
         ctx = AttackContext(
             oracle=oracle,
@@ -184,7 +189,7 @@ class Attack(ABC):
         with oracle.ledger.cap(budget), seeded(seed):
             model = self.run(ctx)
         wall = time.perf_counter() - ctx.start_time
-        metrics = dict(self.extra_metrics(ctx, model))
+        metrics = {**ctx.metrics, **self.extra_metrics(ctx, model)}
         if evaluator is not None:
             metrics.update(evaluator.evaluate(model))
         return AttackResult(
@@ -200,6 +205,14 @@ class Attack(ABC):
 
     def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:  # noqa: B027
         """Validate the attack's own parameters against the oracle (override to add checks)."""
+
+    def max_queries(self, pool_size: int | None) -> int | None:
+        """The most queries this attack can spend from a pool of ``pool_size`` points, or
+        ``None`` where no pool bounds it (the attack generates or perturbs its queries).
+
+        The default, for attacks that query pool points as they are and each at most once,
+        is the pool's size; attacks without a pool have no such bound."""
+        return pool_size if self.needs_pool else None
 
     def config(self) -> dict[str, Any]:
         """The attack's parameters, for records."""
@@ -225,6 +238,24 @@ class Attack(ABC):
     @abstractmethod
     def run(self, ctx: AttackContext) -> nn.Module:
         """Spend at most ``ctx.budget`` queries through ``ctx.oracle``; return the model."""
+
+
+class BudgetWarning(UserWarning):
+    """The budget asked for is more than the attack can spend (its record keeps both)."""
+
+
+def check_budget(attack: Attack, budget: int, pool_size: int | None) -> None:
+    """Warn (once per message) when ``budget`` exceeds :meth:`Attack.max_queries` for the pool."""
+    cap = attack.max_queries(pool_size)
+    if cap is not None and budget > cap:
+        warnings.warn(
+            BudgetWarning(
+                f"budget {budget:,} is more than attack {attack.name!r} can spend from a pool of "
+                f"{pool_size:,} samples (it queries each pool point at most once): it will spend at "
+                f"most {cap:,}; give a larger pool (--pool-data) or a smaller budget"
+            ),
+            stacklevel=1,
+        )
 
 
 def _substitute_factory(

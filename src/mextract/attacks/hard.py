@@ -143,7 +143,10 @@ class HardAugment(Attack):
     degrees: float = 15.0
     train: TrainConfig = SUBSTITUTE_TRAINING
 
-    def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
+    def max_queries(self, pool_size: int | None) -> int | None:
+        return None  # its queries are made from the pool, not drawn from it
+
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
         _check_images(oracle, self.name)
         if not isinstance(self.flip, bool):
             raise InputError(f"flip: expected True or False, got {self.flip!r}")
@@ -202,7 +205,10 @@ class HardBoundary(Attack):
     seed_fraction: float | None = None
     train: TrainConfig = SUBSTITUTE_TRAINING
 
-    def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
+    def max_queries(self, pool_size: int | None) -> int | None:
+        return None  # its queries are made from the pool, not drawn from it
+
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
         _check_int("steps", self.steps, 1)
         _check_fraction("seed_fraction", self.seed_fraction)
 
@@ -287,7 +293,10 @@ class HardMixup(Attack):
     seed_fraction: float = 0.5
     train: TrainConfig = SUBSTITUTE_TRAINING
 
-    def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
+    def max_queries(self, pool_size: int | None) -> int | None:
+        return None  # its queries are made from the pool, not drawn from it
+
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
         if not (isinstance(self.alpha, int | float) and 0 < self.alpha < math.inf):
             raise InputError(f"alpha: expected a positive number, got {self.alpha!r}")
         if self.target not in _MIXUP_TARGETS:

@@ -82,7 +82,7 @@ from mextract.attacks.substitute import (
 )
 from mextract.data.transfer import kmeans
 from mextract.errors import InputError
-from mextract.oracle import answers_to_probs
+from mextract.oracle import Oracle, answers_to_probs
 from mextract.training import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class KnockoffNets(Attack):
     temperature: float = 1.0
     train: TrainConfig = SUBSTITUTE_TRAINING
 
-    def check_params(self, oracle, pool, budget) -> None:  # type: ignore[no-untyped-def]
+    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
         if self.policy not in POLICIES:
             raise InputError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
         _positive_int("clusters", self.clusters)

@@ -16,7 +16,8 @@ from mextract.attacks.knockoff import KnockoffNets
 from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
-from mextract.errors import InputError, UnknownNameError
+from mextract.errors import InputError, MextractError, UnknownNameError
+from mextract.oracle import Oracle
 
 ATTACKS: dict[str, type[Attack]] = {
     KnockoffDistillation.name: KnockoffDistillation,
@@ -46,6 +47,22 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return parse_spec(spec, "attack")
 
 
+def check_attack_spec(spec: str, oracle: Oracle | None = None, budget: int = 1) -> Attack:
+    """Parse and build an attack spec (``"kd"``, ``'hard_augment:{"flip": false}'``) and, given
+    an oracle (e.g. :func:`~mextract.oracle.stand_in_oracle`), check its parameters against
+    it, so that a bad name, option or value fails before any work; returns the attack."""
+    name, options = parse_attack_spec(spec)
+    try:
+        attack = create_attack(name, **options)
+        if oracle is not None:
+            attack.check_params(oracle, None, budget)
+        return attack
+    except UnknownNameError:
+        raise
+    except MextractError as exc:
+        raise InputError(f"attack spec {spec!r}: {exc}") from exc
+
+
 def create_attack(name: str, **options: Any) -> Attack:
     """Build a registered attack, e.g. ``create_attack("kd", temperature=3.0)``.
 
@@ -56,13 +73,15 @@ def create_attack(name: str, **options: Any) -> Attack:
     if name not in ATTACKS:
         raise UnknownNameError("attack", name, sorted(ATTACKS))
     cls = ATTACKS[name]
-    defaults = {f.name: f.default for f in fields(cls) if is_dataclass(f.default)}
+    defaults: dict[str, Any] = {}
+    if is_dataclass(cls):
+        defaults = {f.name: f.default for f in fields(cls) if is_dataclass(f.default)}
     for key, value in options.items():
         if not isinstance(value, dict):
             continue
         try:
             if key in defaults:  # e.g. train={"epochs": 20}: override the default field by field
-                options[key] = replace(defaults[key], **value)  # type: ignore[type-var]
+                options[key] = replace(defaults[key], **value)
             elif key in NESTED:  # e.g. semi={} turns the option on with its defaults
                 options[key] = NESTED[key](**value)
         except TypeError as exc:

@@ -314,7 +314,10 @@ class RandomSelection:
 
     name: ClassVar[str] = "random"
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         return candidates[torch.randperm(len(candidates), generator=generator)[:n]]
 
@@ -325,7 +328,10 @@ class EntropySelection:
 
     name: ClassVar[str] = "entropy"
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         logits, _ = embed(model, pool_x[candidates], features=False)
         return candidates[torch.topk(entropy(logits), n).indices]
@@ -337,7 +343,10 @@ class KCenterSelection:
 
     name: ClassVar[str] = "kcenter"
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         _, fc = embed(model, pool_x[candidates])
         _, fl = embed(model, pool_x[labeled]) if len(labeled) else (None, fc[:0])
@@ -373,7 +382,10 @@ class DFALSelection:
             model, x, max_iter=self.max_iter, overshoot=self.overshoot, classes=self.classes
         )
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         norms = self.scores(model, pool_x[candidates])
         return candidates[torch.topk(norms, n, largest=False).indices]
@@ -397,7 +409,10 @@ class DFALKCenterSelection(DFALSelection):
         if not self.rho >= 1:
             raise InputError(f"rho: expected a number >= 1, got {self.rho}")
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         m = min(len(candidates), max(n, round(self.rho * n)))
         norms = self.scores(model, pool_x[candidates])
@@ -426,7 +441,10 @@ class EntropyKMeansSelection:
     def embedding(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return features
 
-    def __call__(self, model, pool_x, candidates, labeled, n, generator):  # type: ignore[no-untyped-def]
+    def __call__(
+        self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,
+        n: int, generator: torch.Generator,
+    ) -> torch.Tensor:
         n = _check_n(candidates, n)
         if n == 0:
             return candidates[:0]

@@ -98,15 +98,23 @@ class SemiSupervised:
 
     # ------------------------------------------------------------------------ the loss
     def batch_loss(
-        self, supervised: LossFn, unlabeled: torch.Tensor, generator: torch.Generator
+        self,
+        supervised: LossFn,
+        unlabeled: torch.Tensor,
+        generator: torch.Generator,
+        stats: dict[str, float] | None = None,
     ) -> BatchLoss:
         """A :data:`~mextract.training.BatchLoss` adding FixMatch's unlabelled term to ``supervised``.
 
         ``unlabeled`` stays on the CPU; each call draws ``ratio × len(batch)`` rows of it.
+        ``stats``, if given, counts the steps and sums the share of unlabelled views above
+        the confidence threshold (``"steps"``, ``"masked"``).
         """
         shape = tuple(unlabeled.shape[1:])
         weak, strong = self.weak(shape), self.strong(shape)
-        stats = {"steps": 0, "masked": 0.0}
+        if stats is None:
+            stats = {}
+        stats.update(steps=0, masked=0.0)
 
         def loss(model: nn.Module, xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
             if self.weight == 0 or len(unlabeled) == 0:
@@ -126,7 +134,6 @@ class SemiSupervised:
             unsup = (F.cross_entropy(logits[len(xb) :], pseudo, reduction="none") * mask).mean()
             return sup + self.weight * unsup
 
-        loss.stats = stats  # type: ignore[attr-defined]
         return loss
 
 
@@ -155,12 +162,12 @@ def train_semi(
         )
     g = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,), generator=ctx.generator)))
     supervised: LossFn = kd_loss(temperature) if soft else ce_loss
-    bl = semi.batch_loss(supervised, unlabeled, g)
+    st: dict[str, float] = {}
+    bl = semi.batch_loss(supervised, unlabeled, g, stats=st)
     model = train_substitute(
         ctx, x, targets, soft=soft, temperature=temperature, config=config,
         transform=semi.weak(tuple(x.shape[1:])), model=model, batch_loss=bl,
     )  # fmt: skip
-    st = bl.stats  # type: ignore[attr-defined]
     logger.info(
         "fixmatch: %d steps, %.1f%% of unlabelled views above the threshold",
         st["steps"], 100 * st["masked"] / max(1, st["steps"]),

@@ -120,6 +120,9 @@ class SPSG(Attack):
     projections: int | None = 1
     train: TrainConfig = SUBSTITUTE_TRAINING
 
+    def max_queries(self, pool_size: int | None) -> int | None:
+        return None  # its queries are made from the pool, not drawn from it
+
     def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
         if isinstance(self.n_segments, bool) or not isinstance(self.n_segments, int) or self.n_segments < 1:
             raise InputError(f"n_segments: expected a positive integer, got {self.n_segments!r}")

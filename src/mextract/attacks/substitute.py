@@ -18,7 +18,7 @@ from torch import nn
 from mextract.attacks.base import AttackContext
 from mextract.errors import InputError
 from mextract.oracle import answers_to_probs
-from mextract.training import BatchLoss, TrainConfig, Transform, fit
+from mextract.training import BatchLoss, LossFn, TrainConfig, Transform, fit
 
 QUERY_CHUNK = 512
 
@@ -53,7 +53,7 @@ def hard_targets(answers: torch.Tensor) -> torch.Tensor:
     return answers.argmax(1)
 
 
-def kd_loss(temperature: float):  # type: ignore[no-untyped-def]
+def kd_loss(temperature: float) -> LossFn:
     """Soft-label distillation loss at temperature ``T``, scaled by ``T²``."""
     if not temperature > 0:
         raise InputError(f"temperature: expected a positive number, got {temperature}")

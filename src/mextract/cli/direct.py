@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 from mextract.attacks.direct import gaussian_relu1
 from mextract.errors import MextractError
 
-app = typer.Typer(help="Direct extraction: recover a victim's parameters exactly.", no_args_is_help=True)
+app = typer.Typer(help="Direct extraction: recover a victim's parameters exactly.")
 console = Console()
 logger = logging.getLogger(__name__)
 
@@ -50,59 +51,80 @@ def _trained_victim(dataset: str, h: int, epochs: int, seed: int) -> tuple[nn.Mo
     return net.double().eval(), s.test.x.double()
 
 
+class VictimKind(StrEnum):
+    relu1 = "relu1"
+    gaussian = "gaussian"
+
+
 @app.command("run")
 def run(
-    victim: Path | None = typer.Option(None, help="checkpoint folder of a relu1 victim"),
-    victim_kind: str = typer.Option("relu1", help="'relu1' (trained on --dataset) or 'gaussian'"),
+    ctx: typer.Context,
+    victim: Path | None = typer.Option(None, exists=True, help="checkpoint folder of a relu1 victim"),
+    victim_kind: VictimKind = typer.Option(
+        VictimKind.relu1, help="'relu1' (trained on --dataset) or 'gaussian'"
+    ),
     dataset: str = typer.Option("mnist", help="dataset for a trained victim and its test set"),
-    hidden: int = typer.Option(16, help="hidden units of a built victim"),
-    inputs: int = typer.Option(20, help="inputs of a gaussian victim"),
-    classes: int = typer.Option(3, help="outputs of a gaussian victim"),
-    epochs: int = typer.Option(5, help="training epochs of a relu1 victim"),
-    budget: int = typer.Option(1_000_000, help="query budget"),
+    hidden: int = typer.Option(16, min=1, help="hidden units of a built victim"),
+    inputs: int = typer.Option(20, min=1, help="inputs of a gaussian victim"),
+    classes: int = typer.Option(3, min=2, help="outputs of a gaussian victim"),
+    epochs: int = typer.Option(5, min=1, help="training epochs of a relu1 victim"),
+    budget: int = typer.Option(1_000_000, min=1, help="query budget"),
     seed: int = typer.Option(0, help="seed of the victim and the attack"),
+    threads: int | None = typer.Option(
+        None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else half the cores)."
+    ),
 ) -> None:
     """Extract a one-hidden-layer ReLU victim from float64 logits and report the error."""
     from mextract.attacks.direct import ReLUCryptanalysis, align_relu1, query_floor
+    from mextract.cli.runtime import configure_runtime
+    from mextract.data import dataset_info
+    from mextract.models import read_meta
     from mextract.oracle import VictimOracle
+
+    def bad(option: str, message: str) -> typer.BadParameter:
+        return typer.BadParameter(message, ctx=ctx, param_hint=f"'{option}'")
 
     try:
         if victim is not None:
-            from mextract.models import load_checkpoint
-
-            net, meta = load_checkpoint(victim)
-            net = net.double().eval()
-            shape = tuple(meta["input_shape"])
-            test = torch.randn(10_000, *shape, dtype=torch.float64)
-        elif victim_kind == "gaussian":
-            net, shape = gaussian_relu1(inputs, hidden, classes, seed), (inputs,)
-            test = torch.randn(10_000, inputs, dtype=torch.float64)
-        elif victim_kind == "relu1":
-            net, test = _trained_victim(dataset, hidden, epochs, seed)
-            shape = tuple(test.shape[1:])
-        else:
-            raise typer.BadParameter(f"expected 'relu1' or 'gaussian', got {victim_kind!r}")
-        with torch.no_grad():
-            k = int(net(test[:1]).shape[1])
-        oracle = VictimOracle(
-            net, input_shape=shape, num_classes=k, mode="logits", dtype=torch.float64, device="cpu"
-        )
-        with console.status("extracting ..."):
-            res = ReLUCryptanalysis()(oracle, None, budget, seed=seed)
-        al = align_relu1(res.model, net)
-        d = int(np.prod(shape))
-        h = al.matched + al.missing
-        gauss = torch.randn(
-            100_000, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)
-        )
-        with torch.no_grad():
-            fid = {
-                name: float((res.model(x).argmax(1) == net(x).argmax(1)).double().mean())
-                for name, x in (("test", test), ("gauss", gauss))
-            }
+            meta = read_meta(victim)
+            if meta["architecture"] != "relu1":
+                raise bad("--victim", f"expected a relu1 checkpoint, got a {meta['architecture']!r} one")
+        elif victim_kind is VictimKind.relu1:
+            dataset_info(dataset)
     except MextractError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise bad("--victim" if victim is not None else "--dataset", str(exc)) from None
+    console.print(configure_runtime("cpu", threads), style="dim", markup=False)
+    if victim is not None:
+        from mextract.models import load_checkpoint
+
+        net, meta = load_checkpoint(victim)
+        net = net.double().eval()
+        shape = tuple(meta["input_shape"])
+        test = torch.randn(10_000, *shape, dtype=torch.float64)
+    elif victim_kind is VictimKind.gaussian:
+        net, shape = gaussian_relu1(inputs, hidden, classes, seed), (inputs,)
+        test = torch.randn(10_000, inputs, dtype=torch.float64)
+    else:
+        net, test = _trained_victim(dataset, hidden, epochs, seed)
+        shape = tuple(test.shape[1:])
+    with torch.no_grad():
+        k = int(net(test[:1]).shape[1])
+    oracle = VictimOracle(
+        net, input_shape=shape, num_classes=k, mode="logits", dtype=torch.float64, device="cpu"
+    )
+    with console.status("extracting ..."):
+        res = ReLUCryptanalysis()(oracle, None, budget, seed=seed)
+    al = align_relu1(res.model, net)
+    d = int(np.prod(shape))
+    h = al.matched + al.missing
+    gauss = torch.randn(
+        100_000, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)
+    )
+    with torch.no_grad():
+        fid = {
+            name: float((res.model(x).argmax(1) == net(x).argmax(1)).double().mean())
+            for name, x in (("test", test), ("gauss", gauss))
+        }
     floor = query_floor(d, h, k)
     table = Table(title=f"direct extraction of a {d}-{h}-{k} ReLU network")
     table.add_column("measure")

@@ -1,27 +1,42 @@
-"""``mextract``: train victims, steal them, and report — from the command line."""
+"""``mextract``: train victims, steal them, and report — from the command line.
+
+Every command checks its whole command line before any work: names (datasets, models,
+attacks, defences, answer modes), options, JSON, paths and budgets. A bad value is a usage
+error — the usage line, one message naming the option, exit status 2 — rendered by typer
+itself, as are typer's own usage errors (unknown command or option, missing argument).
+Errors found later (data that does not hold what it should) are one ``error:`` line and
+exit status 2; never a traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+import warnings
+from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from mextract.errors import MextractError
+from mextract.cli.runtime import configure_runtime
+from mextract.errors import InputError, MextractError
 
 app = typer.Typer(
     name="mextract",
     help="A lab for model extraction (model stealing) attacks and the defences against them.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 console = Console()
+err_console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _mount_subcommands() -> None:
@@ -31,16 +46,39 @@ def _mount_subcommands() -> None:
 
 
 _mount_subcommands()
-err_console = Console(stderr=True)
+
+
+class Precision(StrEnum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+#: Far above any budget in the sources (1,250,000 queries) or in the lab; a larger number is a typo.
+MAX_BUDGET = 1_000_000_000
 
 Seed = Annotated[int, typer.Option(help="Seed for every random choice of the run.")]
-Device = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu' or 'cuda'.")]
+Device = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else half the cores)."),
+]
 Fresh = Annotated[bool, typer.Option("--fresh", help="Recompute instead of reusing records.")]
 PgdEps = Annotated[
     float | None,
     typer.Option(help="Adversarially train the victim: L-inf PGD radius on [0, 1] inputs (MNIST: 0.3)."),
 ]
-PgdSteps = Annotated[int, typer.Option(help="PGD steps (step size 2.5*eps/steps).")]
+PgdSteps = Annotated[int, typer.Option(min=1, help="PGD steps (step size 2.5*eps/steps).")]
+Scale = Annotated[
+    float | None,
+    typer.Option(help="Divide the values of your files by this (e.g. 255 for float pixel values)."),
+]
+DataRoot = Annotated[
+    Path | None, typer.Option(exists=True, help="Data location (cifar10), or $MEXTRACT_CIFAR10.")
+]
+
+
+def _existing(help_text: str) -> Any:
+    return typer.Option(exists=True, help=help_text)
 
 
 @app.callback()
@@ -50,13 +88,91 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log de
     )
 
 
+# --------------------------------------------------------------------------- checks
+
+
+@contextlib.contextmanager
+def _option(ctx: typer.Context, name: str) -> Iterator[None]:
+    """Turn a mextract error raised while checking ``name`` into a usage error naming it."""
+    try:
+        yield
+    except MextractError as exc:
+        raise typer.BadParameter(str(exc), ctx=ctx, param_hint=f"'{name}'") from None
+
+
+def _check(ctx: typer.Context, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    with _option(ctx, name):
+        return fn(*args, **kwargs)
+
+
+def _runtime(ctx: typer.Context, device: str, threads: int | None) -> None:
+    """Check the device, set the threads, and say so (once, before the work)."""
+    from mextract._utils import resolve_device
+
+    _check(ctx, "--device", resolve_device, device)
+    console.print(_check(ctx, "--threads", configure_runtime, device, threads), style="dim", markup=False)
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _check_out(ctx: typer.Context, name: str, path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"{path} is a file; expected a run folder", ctx=ctx, param_hint=f"'{name}'")
+
+
+def _check_model(ctx: typer.Context, name: str, model: str | None, shape: Any, classes: int) -> None:
+    if model is None:
+        return
+    from mextract.models import check_model_name, create_model
+
+    _check(ctx, name, check_model_name, model)
+    _check(ctx, name, create_model, model, shape, classes)  # does it take this input shape?
+
+
+def _check_pgd(ctx: typer.Context, eps: float | None, steps: int) -> Any:
+    from mextract.defences.adversarial import PGDConfig
+
+    if eps is None:
+        return None
+    return _check(ctx, "--pgd-eps", PGDConfig.for_eps, eps, steps)
+
+
+def _check_scale(ctx: typer.Context, scale: float | None) -> None:
+    if scale is not None and not 0 < scale < float("inf"):
+        raise typer.BadParameter(f"expected a positive number, got {scale}", ctx=ctx, param_hint="'--scale'")
+
+
+def _check_budget(ctx: typer.Context, budget: int) -> None:
+    if not 1 <= budget <= MAX_BUDGET:
+        raise typer.BadParameter(
+            f"expected a number of queries from 1 to {MAX_BUDGET:,}, got {budget:,}", ctx=ctx,
+            param_hint="'--budget'",
+        )  # fmt: skip
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; values are JSON where they parse as JSON, else strings."""
+    parsed: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
 def _results_table(records: list[Any], title: str) -> None:
     from mextract.experiments import results_rows
     from mextract.experiments.report import COLUMNS
 
     header, rows = results_rows(records)
     for line in header:
-        console.print(line)
+        console.print(line, markup=False)
     table = Table(title=title)
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("strategy", "answers") else "right")
@@ -65,14 +181,21 @@ def _results_table(records: list[Any], title: str) -> None:
     console.print(table)
 
 
+# --------------------------------------------------------------------------- commands
+
+
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder for checkpoints and records.")] = Path("runs/demo"),
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     fresh: Fresh = False,
 ) -> None:
     """Train a victim on bundled MNIST and steal it with the soft- and hard-label baselines."""
+    _check_out(ctx, "--out", out)
+    _runtime(ctx, device, threads)
     from mextract.cli.progress import ProgressBars
     from mextract.experiments import demo as run_demo
     from mextract.experiments import markdown_table
@@ -81,84 +204,130 @@ def demo(
         records = run_demo(out, seed=seed, device=device, callback=bars, resume=not fresh)
     _results_table(records, "model extraction on mnist")
     (out / "results.md").write_text(markdown_table(records))
-    console.print(f"records, checkpoints and results.md are in {out}/")
+    console.print(f"records, checkpoints and results.md are in {out}/", markup=False)
 
 
 @app.command("train-victim")
 def train_victim(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder: the checkpoint goes to OUT/victim/.")],
     dataset: Annotated[str, typer.Option(help="A dataset name (see `mextract list`).")] = "mnist",
     model: Annotated[str | None, typer.Option(help="A zoo model; default depends on the data.")] = None,
     preset: Annotated[str, typer.Option(help="'fast' (CPU) or 'paper' (the sources' 50 epochs).")] = "fast",
-    data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
-    victim_data: Annotated[Path | None, typer.Option(help=".npz or image folder for training.")] = None,
-    test_data: Annotated[Path | None, typer.Option(help=".npz or image folder for testing.")] = None,
+    data_root: DataRoot = None,
+    victim_data: Annotated[Path | None, _existing(".npz or image folder for training.")] = None,
+    test_data: Annotated[Path | None, _existing(".npz or image folder for testing.")] = None,
+    scale: Scale = None,
     pgd_eps: PgdEps = None,
     pgd_steps: PgdSteps = 7,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     fresh: Fresh = False,
 ) -> None:
     """Stage 0: train a victim with the sources' recipe and save its checkpoint."""
+    from mextract.data import dataset_info
+    from mextract.training import victim_recipe
+
+    _check_out(ctx, "--out", out)
+    info = _check(ctx, "--dataset", dataset_info, dataset, data_root)
+    _check_model(ctx, "--model", model, info.input_shape, info.num_classes)
+    _check(ctx, "--preset", victim_recipe, preset)
+    _check_scale(ctx, scale)
+    adversarial = _check_pgd(ctx, pgd_eps, pgd_steps)
+    _runtime(ctx, device, threads)
     from mextract.cli.progress import ProgressBars
     from mextract.experiments import train_victim_run
 
     with ProgressBars(console) as bars:
         record = train_victim_run(out, dataset=dataset, model=model, preset=preset, seed=seed,
                                   data_root=data_root, victim_data=victim_data, test_data=test_data,
-                                  device=device, callback=bars, resume=not fresh,
-                                  adversarial=_pgd(pgd_eps, pgd_steps))  # fmt: skip
+                                  scale=scale, device=device, callback=bars, resume=not fresh,
+                                  adversarial=adversarial)  # fmt: skip
     console.print(
         f"victim {record.name}: test accuracy {100 * record.metrics['test_accuracy']:.2f}% "
-        f"-> {out / 'victim'}"
+        f"-> {out / 'victim'}",
+        markup=False,
     )
-
-
-def _pgd(eps: float | None, steps: int) -> Any:
-    from mextract.defences.adversarial import PGDConfig
-
-    return None if eps is None else PGDConfig.for_eps(eps, steps)
-
-
-def _parse_options(options: list[str]) -> dict[str, Any]:
-    parsed: dict[str, Any] = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise MextractError(f"--option: expected KEY=VALUE, got {item!r}")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
 
 
 @app.command()
 def attack(
+    ctx: typer.Context,
     victim: Annotated[Path, typer.Argument(help="A victim checkpoint folder (from train-victim).")],
     attack: Annotated[str, typer.Option("--attack", "-a", help="Attack name (see `mextract list`).")] = "kd",
     budget: Annotated[int, typer.Option(help="Most queries the attack may spend.")] = 1000,
     mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
-    k: Annotated[int | None, typer.Option(help="Classes revealed in mode topk.")] = None,
-    decimals: Annotated[int | None, typer.Option(help="Decimals kept in mode rounded.")] = None,
+    k: Annotated[int | None, typer.Option(min=1, help="Classes revealed in mode topk.")] = None,
+    decimals: Annotated[int | None, typer.Option(min=0, help="Decimals kept in mode rounded.")] = None,
     precision: Annotated[
-        str, typer.Option(help="Oracle precision: float32, or float64 for exact (direct) extraction.")
-    ] = "float32",
+        Precision, typer.Option(help="Oracle precision: float32, or float64 for exact (direct) extraction.")
+    ] = Precision.float32,
     substitute: Annotated[str | None, typer.Option(help="Substitute architecture.")] = None,
-    pool_data: Annotated[Path | None, typer.Option(help="Attacker pool: .npz or image folder.")] = None,
+    pool_data: Annotated[Path | None, _existing("Attacker pool: .npz or image folder.")] = None,
     pool_dataset: Annotated[
         str | None, typer.Option(help="Out-of-domain pool: a dataset name or natural_patches.")
     ] = None,
-    test_data: Annotated[Path | None, typer.Option(help="Test set: .npz or image folder.")] = None,
-    data_root: Annotated[Path | None, typer.Option(help="Data location (cifar10).")] = None,
+    test_data: Annotated[Path | None, _existing("Test set: .npz or image folder.")] = None,
+    data_root: DataRoot = None,
+    scale: Scale = None,
     option: Annotated[list[str] | None, typer.Option(help="Attack option KEY=VALUE (repeatable).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder for the record and substitute.")] = None,
     record: Annotated[Path | None, typer.Option(help="Also write the JSON record here.")] = None,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     fresh: Fresh = False,
 ) -> None:
     """Steal a saved victim through its oracle and report accuracy, fidelity and queries."""
+    import torch
+
+    from mextract.attacks import ATTACKS, create_attack
+    from mextract.data.transfer import check_pool
+    from mextract.errors import UnknownNameError
+    from mextract.models import read_meta
+    from mextract.oracle import AnswerMode, stand_in_oracle
+
+    meta = _check(ctx, "victim", read_meta, victim)
+    if attack not in ATTACKS:
+        _check(ctx, "--attack", _raise, UnknownNameError("attack", attack, list(ATTACKS)))
+    options = _check(ctx, "--option", _parse_options, option or [])
+    atk = _check(ctx, "--option", create_attack, attack, **dict(options))
+    _check_budget(ctx, budget)
+    answer_mode = _check(ctx, "--mode", AnswerMode.parse, mode)
+    if k is not None and answer_mode is not AnswerMode.TOPK:
+        raise typer.BadParameter(f"k is for --mode topk, not {mode!r}", ctx=ctx, param_hint="'--k'")
+    if answer_mode is AnswerMode.TOPK and k is None:
+        raise typer.BadParameter("--mode topk needs --k", ctx=ctx, param_hint="'--k'")
+    if decimals is not None and answer_mode is not AnswerMode.ROUNDED:
+        raise typer.BadParameter(f"decimals are for --mode rounded, not {mode!r}", ctx=ctx,
+                                 param_hint="'--decimals'")  # fmt: skip
+    if answer_mode is AnswerMode.ROUNDED and decimals is None:
+        raise typer.BadParameter("--mode rounded needs --decimals", ctx=ctx, param_hint="'--decimals'")
+    if k is not None and k >= meta["num_classes"]:
+        raise typer.BadParameter(f"expected fewer than the victim's {meta['num_classes']} classes, got {k}",
+                                 ctx=ctx, param_hint="'--k'")  # fmt: skip
+    _check_model(ctx, "--substitute", substitute, meta["input_shape"], meta["num_classes"])
+    dtype = torch.float64 if precision is Precision.float64 else torch.float32
+    api = stand_in_oracle(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
+                          dtype=dtype)  # fmt: skip
+    _check(ctx, "--option" if options else "--mode", atk.check_params, api, None, budget)
+    if pool_data is not None and pool_dataset is not None:
+        raise typer.BadParameter("give --pool-data or --pool-dataset, not both", ctx=ctx,
+                                 param_hint="'--pool-dataset'")  # fmt: skip
+    if pool_dataset is not None:
+        _check(ctx, "--pool-dataset", check_pool, pool_dataset, meta["input_shape"], data_root)
+    if meta.get("dataset") is None and ((pool_data is None and pool_dataset is None) or test_data is None):
+        raise typer.BadParameter(
+            "this victim was trained on files: give its attacker pool (--pool-data or --pool-dataset) "
+            "and --test-data", ctx=ctx, param_hint="'victim'",
+        )  # fmt: skip
+    _check_scale(ctx, scale)
+    _check_out(ctx, "--out", out)
+    if record is not None and record.is_dir():
+        raise typer.BadParameter(f"{record} is a folder; expected a file name", ctx=ctx,
+                                 param_hint="'--record'")  # fmt: skip
+    _runtime(ctx, device, threads)
     from mextract.cli.progress import ProgressBars
     from mextract.experiments import attack_run
 
@@ -170,14 +339,15 @@ def attack(
             mode=mode,
             k=k,
             decimals=decimals,
-            precision=precision,
+            precision=precision.value,
             substitute=substitute,
             seed=seed,
             pool_data=pool_data,
             pool_dataset=pool_dataset,
             test_data=test_data,
             data_root=data_root,
-            attack_options=_parse_options(option or []),
+            scale=scale,
+            attack_options=options,
             out=out,
             device=device,
             callback=bars,
@@ -186,11 +356,12 @@ def attack(
     _results_table([rec], f"{attack} against {victim}")
     if record is not None:
         rec.save(record)
-        console.print(f"record written to {record}")
+        console.print(f"record written to {record}", markup=False)
 
 
 @app.command()
 def matrix(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder for the victim and every cell's record.")] = Path(
         "runs/matrix"
     ),
@@ -216,10 +387,13 @@ def matrix(
     ] = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
     fresh: Fresh = False,
 ) -> None:
     """Attack x defence matrix: utility of each defence, and each attack against it."""
-    from mextract.cli.progress import ProgressBars
+    from mextract.attacks.registry import check_attack_spec
+    from mextract.data import dataset_info
+    from mextract.defences.registry import check_defence_spec
     from mextract.experiments import (
         FULL_ATTACKS,
         FULL_DEFENCES,
@@ -228,9 +402,11 @@ def matrix(
         matrix_table,
         run_matrix,
     )
+    from mextract.models import default_model_for
+    from mextract.oracle import stand_in_oracle
 
     if stage3 and full:
-        raise MextractError("give --stage3 or --full, not both")
+        raise typer.BadParameter("give --stage3 or --full, not both", ctx=ctx, param_hint="'--stage3'")
     if full:
         defence = defence or list(FULL_DEFENCES)
         attack = attack or list(FULL_ATTACKS)
@@ -239,28 +415,55 @@ def matrix(
         attack = attack or list(STAGE3_ATTACKS)
         trigger = 0 if trigger is None else trigger
     if not defence or not attack:
-        raise MextractError("give at least one --defence and one --attack (or --stage3, or --full)")
+        raise typer.BadParameter(
+            "give at least one --defence and one --attack (or --stage3, or --full)", ctx=ctx,
+            param_hint="'--defence'/'--attack'",
+        )  # fmt: skip
+    _check_out(ctx, "--out", out)
+    info = _check(ctx, "--dataset", dataset_info, dataset)
+    arch = default_model_for(info.input_shape)
+    for spec in defence:
+        _check(ctx, "--defence", check_defence_spec, spec, info.input_shape, info.num_classes, arch, seed)
+    _check_budget(ctx, budget)
+    plain = stand_in_oracle(info.input_shape, info.num_classes, architecture=arch)  # the undefended API
+    for spec in attack:
+        _check(ctx, "--attack", check_attack_spec, spec, plain, budget)
+    if trigger is not None and not 0 <= trigger < info.num_classes:
+        raise typer.BadParameter(f"expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger}",
+                                 ctx=ctx, param_hint="'--trigger'")  # fmt: skip
+    adversarial = _check_pgd(ctx, pgd_eps, pgd_steps)
+    _runtime(ctx, device, threads)
+    from mextract.cli.progress import ProgressBars
+
     with ProgressBars(console) as bars:
         records = run_matrix(out, defences=defence, attacks=attack, budget=budget, dataset=dataset, seed=seed,
-                             trigger_target=trigger, adversarial=_pgd(pgd_eps, pgd_steps),
+                             trigger_target=trigger, adversarial=adversarial,
                              detect=detect, device=device, callback=bars,
                              resume=not fresh)  # fmt: skip
     table = matrix_table(records)
     (out / "matrix.md").write_text(table)
     typer.echo(table)
-    console.print(f"records and matrix.md are in {out}/")
+    console.print(f"records and matrix.md are in {out}/", markup=False)
 
 
 @app.command()
 def report(
-    run: Annotated[Path, typer.Argument(help="A run folder holding records.")],
+    ctx: typer.Context,
+    run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run folder holding records.")],
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead.")] = False,
 ) -> None:
-    """Rebuild the results table of a run folder from its records alone."""
-    from mextract.experiments import load_records, markdown_table
+    """Rebuild the tables of a run folder (attacks, or an attack x defence matrix) from its records."""
+    from mextract.experiments import load_records, markdown_table, matrix_table
 
     records = load_records(run)
-    if markdown:
+    if not records:
+        raise typer.BadParameter(
+            f"{run} holds no mextract records (expected a run folder of `mextract demo`, "
+            "`train-victim`, `attack` or `matrix`)", ctx=ctx, param_hint="'run'",
+        )  # fmt: skip
+    if any(r.kind == "cell" for r in records):  # a matrix folder
+        typer.echo(matrix_table(records))
+    elif markdown:
         typer.echo(markdown_table(records))
     else:
         _results_table(records, str(run))
@@ -286,21 +489,19 @@ def list_names() -> None:
     console.print(table)
 
 
-def main() -> None:
-    """Entry point: run the app, turning mextract's own errors into one clear line."""
-    try:
-        app(standalone_mode=False)
-    except MextractError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+# --------------------------------------------------------------------------- entry point
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}")
+
+
+def main() -> None:
+    """Entry point. typer renders usage errors itself (usage line, message, exit 2);
+    mextract's own errors found during the work become one ``error:`` line and exit 2."""
+    warnings.showwarning = _show_warning
+    try:
+        app(prog_name="mextract")
+    except MextractError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)

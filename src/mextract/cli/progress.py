@@ -5,9 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-STAGE_NAMES = {"victim": "training victim", "query": "querying oracle", "train": "training substitute"}
+STAGE_NAMES = {"victim": "victim training", "query": "querying", "train": "training"}
 
 
 class ProgressBars:
@@ -15,8 +21,8 @@ class ProgressBars:
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            TextColumn("{task.description}"), BarColumn(bar_width=12), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
             console=console, transient=False,
         )  # fmt: skip
         self.prefix = ""

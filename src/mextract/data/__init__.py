@@ -1,6 +1,17 @@
 """Datasets, attacker pools and seeded splits."""
 
-from mextract.data.base import Dataset, Splits
-from mextract.data.registry import DATASETS, load_file, load_splits
+from mextract.data.base import IMAGE_RANGE, UNBOUNDED, Dataset, Splits, ValueRange
+from mextract.data.registry import DATASETS, DatasetInfo, dataset_info, load_file, load_splits
 
-__all__ = ["DATASETS", "Dataset", "Splits", "load_file", "load_splits"]
+__all__ = [
+    "DATASETS",
+    "IMAGE_RANGE",
+    "UNBOUNDED",
+    "Dataset",
+    "DatasetInfo",
+    "Splits",
+    "ValueRange",
+    "dataset_info",
+    "load_file",
+    "load_splits",
+]

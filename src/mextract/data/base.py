@@ -2,25 +2,98 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from mextract.errors import InputError
+from mextract.errors import DataError, InputError
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """The declared range of every input value, kept with a dataset and in a checkpoint's
+    metadata, where later layers (an API's public description, attacks that make their own
+    queries) read it.
+
+    mextract's convention: images are floats in ``[0, 1]``; tabular features are
+    standardised with the owner's statistics and declared unbounded (``None``), since a
+    new record may lie outside every value the owner has seen.
+    """
+
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise InputError(f"value range: expected low < high, got [{self.low}, {self.high}]")
+
+    @classmethod
+    def for_shape(cls, input_shape: Sequence[int]) -> ValueRange:
+        """The convention for an input shape: ``[0, 1]`` for images ``(C, H, W)``, else unbounded."""
+        return IMAGE_RANGE if len(input_shape) == 3 else UNBOUNDED
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None, input_shape: Sequence[int]) -> ValueRange:
+        """Read ``{"low": .., "high": ..}`` (checkpoints older than the field: the convention)."""
+        if data is None:
+            return cls.for_shape(input_shape)
+        return cls(low=data.get("low"), high=data.get("high"))
+
+    def to_json(self) -> dict[str, float | None]:
+        return {"low": self.low, "high": self.high}
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{lo}, {hi}]"
+
+    def check(self, x: np.ndarray | torch.Tensor, where: str, *, hint: str = "") -> None:
+        """Raise a :class:`DataError` naming ``where``, the range found and the range expected
+        when ``x`` holds NaN, infinities or values outside the range (tolerance 1e-6)."""
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        if arr.size == 0:
+            return
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise DataError(f"{where}: contains {bad} NaN or infinite value(s)")
+        lo, hi = float(arr.min()), float(arr.max())
+        below = self.low is not None and lo < self.low - 1e-6
+        above = self.high is not None and hi > self.high + 1e-6
+        if below or above:
+            raise DataError(f"{where}: values lie in [{lo:g}, {hi:g}], expected {self}{hint}")
+
+
+IMAGE_RANGE = ValueRange(0.0, 1.0)
+UNBOUNDED = ValueRange(None, None)
+
+
+def scale_hint(x: np.ndarray | torch.Tensor) -> str:
+    """A suggestion for images that look like 0-255 pixel values stored as floats."""
+    hi = float(x.max()) if len(x) else 0.0
+    if 1.0 < hi <= 255.0 + 1e-6 and float(x.min()) >= 0:
+        return "; these look like 0-255 pixel values: divide by 255 (on the command line: --scale 255)"
+    return ""
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Inputs ``x`` (float32, images ``(N, C, H, W)`` in [0, 1] or features ``(N, D)``),
-    integer labels ``y`` (``None`` for an unlabeled attacker pool) and class names."""
+    integer labels ``y`` (``None`` for an unlabeled attacker pool), class names and the
+    declared :class:`ValueRange` of the inputs (by default the convention for their shape;
+    :func:`~mextract.data.load_file` checks user files against it)."""
 
     x: torch.Tensor
     y: torch.Tensor | None
     classes: tuple[str, ...]
     name: str = "data"
+    value_range: ValueRange | None = None
 
     def __post_init__(self) -> None:
+        if self.value_range is None:
+            object.__setattr__(self, "value_range", ValueRange.for_shape(tuple(self.x.shape[1:])))
         if self.x.dim() < 2:
             raise InputError(f"{self.name}: expected inputs (N, ...), got shape {tuple(self.x.shape)}")
         if self.y is not None:
@@ -49,13 +122,20 @@ class Dataset:
     def is_image(self) -> bool:
         return self.x.dim() == 4
 
+    @property
+    def declared_range(self) -> ValueRange:
+        """The declared value range (never ``None`` after construction)."""
+        assert self.value_range is not None  # set in __post_init__
+        return self.value_range
+
     def subset(self, index: torch.Tensor, name: str | None = None) -> Dataset:
         return Dataset(
-            self.x[index], None if self.y is None else self.y[index], self.classes, name or self.name
-        )
+            self.x[index], None if self.y is None else self.y[index], self.classes, name or self.name,
+            self.value_range,
+        )  # fmt: skip
 
     def unlabeled(self) -> Dataset:
-        return Dataset(self.x, None, self.classes, self.name)
+        return Dataset(self.x, None, self.classes, self.name, self.value_range)
 
 
 @dataclass(frozen=True)

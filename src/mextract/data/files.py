@@ -15,6 +15,7 @@ import pickle
 import tarfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -63,7 +64,7 @@ def read_npz(path: str | Path, *, require_labels: bool) -> tuple[np.ndarray, np.
 
 
 def _decode(data: bytes | Path, size: tuple[int, int] | None, channels: int | None) -> np.ndarray:
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    img: Image.Image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
     mode = {1: "L", 3: "RGB"}.get(channels or 0, "RGB" if img.mode not in ("L", "1") else "L")
     img = img.convert(mode)
     if size is not None and img.size != (size[1], size[0]):
@@ -203,16 +204,17 @@ def read_cifar10(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         data = _cifar_images([(str(f.relative_to(p)), f.read_bytes()) for f in files], str(p))
     elif tarfile.is_tarfile(p):
         with tarfile.open(p) as tar:
-            entries = [
-                (m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
-                for m in tar.getmembers()
-                if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)
-            ]
+            entries = []
+            for m in tar.getmembers():
+                f = tar.extractfile(m) if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES) else None
+                if f is not None:
+                    entries.append((m.name, f.read()))
         data = _cifar_images(entries, str(p))
     else:
         raise DataError(f"{p}: expected a folder or a .tar/.tar.gz archive of CIFAR-10")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **{f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))})
+    arrays: dict[str, Any] = {f"{s}_{k}": v for s, (x, y) in data.items() for k, v in (("x", x), ("y", y))}
+    np.savez(tmp, **arrays)
     tmp.replace(cache)
     return data

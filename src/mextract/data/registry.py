@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from mextract.data.base import Dataset, Splits
+from mextract.data.base import Dataset, Splits, ValueRange, scale_hint
 from mextract.data.files import CIFAR10_CLASSES, read_cifar10, read_image_folder, read_npz
 from mextract.errors import DataError, InputError, UnknownNameError
 
@@ -83,13 +83,8 @@ def _sklearn_tabular(loader_name: str) -> Any:
 
 
 def _cifar10(root: str | Path | None) -> _Raw:
-    root = root or os.environ.get(CIFAR10_ENV)
-    if not root:
-        raise DataError(
-            f"cifar10: no data path given; pass --data-root (root=...) or set ${CIFAR10_ENV} to a "
-            "cifar-10-batches-py folder, an image folder with train/ and test/, or a tar of one"
-        )
-    data = read_cifar10(root)
+    dataset_info("cifar10", root)  # a clear error when no location is given
+    data = read_cifar10(root or os.environ[CIFAR10_ENV])
     (xtr, ytr), (xte, yte) = data["train"], data["test"]
     return _Raw(xtr.astype(np.float32) / 255.0, ytr, CIFAR10_CLASSES,
                 (xte.astype(np.float32) / 255.0, yte))  # fmt: skip
@@ -104,6 +99,49 @@ _LOADERS = {
     "iris": _sklearn_tabular("load_iris"),
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What is known of a named dataset without loading it (to check a plan before any work)."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    @property
+    def value_range(self) -> ValueRange:
+        return ValueRange.for_shape(self.input_shape)
+
+
+_INFO = {
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10),
+    "breast_cancer": DatasetInfo("breast_cancer", (30,), 2),
+    "wine": DatasetInfo("wine", (13,), 3),
+    "iris": DatasetInfo("iris", (4,), 3),
+}
+
+
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """Check a dataset name (and, for data that is not bundled, that a location is given and
+    exists) without loading anything; returns its input shape and number of classes."""
+    if name not in _INFO:
+        raise UnknownNameError("dataset", name, DATASETS)
+    if name == "cifar10":
+        where = root or os.environ.get(CIFAR10_ENV)
+        if not where:
+            raise DataError(
+                f"cifar10: no data path given; pass --data-root (root=...) or set ${CIFAR10_ENV} to a "
+                "cifar-10-batches-py folder, an image folder with train/ and test/, or a tar of one"
+            )
+        if not Path(where).exists():
+            raise DataError(
+                f"{where}: no such path (expected a cifar-10-batches-py folder, an image folder with "
+                "train/<class>/ and test/<class>/, or a .tar/.tar.gz of one)"
+            )
+    return _INFO[name]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -125,6 +163,7 @@ def load_splits(
     victim_data: str | Path | None = None,
     pool_data: str | Path | None = None,
     test_data: str | Path | None = None,
+    scale: float | None = None,
 ) -> Splits:
     """Load a named dataset and split it, optionally replacing any split by the user's file.
 
@@ -138,18 +177,21 @@ def load_splits(
         victim_data, pool_data, test_data: an ``.npz`` (``x``, and ``y`` where labels are
             needed) or an image folder (``<class>/`` subfolders give labels; the pool may
             be a flat folder) replacing that split. Images are resized and converted to
-            the named dataset's input shape.
+            the named dataset's input shape. Every file is checked against the declared
+            :class:`~mextract.data.ValueRange` (images: [0, 1]).
+        scale: divide the files' values by this (e.g. 255 for float pixel values);
+            default: 255 for uint8 arrays and image folders, 1 otherwise.
     """
     _check_fraction("victim_fraction", victim_fraction)
     _check_fraction("test_fraction", test_fraction)
     if name is None:
         if victim_data is None or pool_data is None or test_data is None:
             raise InputError("without a dataset name, give all of victim_data, pool_data and test_data")
-        victim = load_file(victim_data, require_labels=True, name="victim_train")
+        victim = load_file(victim_data, require_labels=True, name="victim_train", scale=scale)
         return Splits(
             victim,
-            load_file(pool_data, like=victim, require_labels=False, name="pool").unlabeled(),
-            load_file(test_data, like=victim, require_labels=True, name="test"),
+            load_file(pool_data, like=victim, require_labels=False, name="pool", scale=scale).unlabeled(),
+            load_file(test_data, like=victim, require_labels=True, name="test", scale=scale),
             {"dataset": "files", "seed": seed, "files": _file_meta(victim_data, pool_data, test_data)},
         )
     if name not in _LOADERS:
@@ -178,11 +220,12 @@ def load_splits(
     pool = Dataset(_tensor(xp), torch.from_numpy(raw.y[p_idx]), raw.classes, "pool")
     test = Dataset(_tensor(xte), torch.from_numpy(np.asarray(yte)), raw.classes, "test")
     if victim_data is not None:
-        victim = load_file(victim_data, like=victim, require_labels=True, name="victim_train", meta=meta)
+        victim = load_file(victim_data, like=victim, require_labels=True, name="victim_train", meta=meta,
+                           scale=scale)  # fmt: skip
     if pool_data is not None:
-        pool = load_file(pool_data, like=victim, require_labels=False, name="pool", meta=meta)
+        pool = load_file(pool_data, like=victim, require_labels=False, name="pool", meta=meta, scale=scale)
     if test_data is not None:
-        test = load_file(test_data, like=victim, require_labels=True, name="test", meta=meta)
+        test = load_file(test_data, like=victim, require_labels=True, name="test", meta=meta, scale=scale)
     files = _file_meta(victim_data, pool_data, test_data)
     if files:
         meta["files"] = files
@@ -202,11 +245,20 @@ def load_file(
     require_labels: bool,
     name: str = "data",
     meta: dict[str, Any] | None = None,
+    scale: float | None = None,
 ) -> Dataset:
-    """Read one split from an ``.npz`` or an image folder, shaped and scaled like ``like``."""
+    """Read one split from an ``.npz`` or an image folder, shaped and scaled like ``like``.
+
+    Values are divided by ``scale`` (default: 255 for uint8 arrays and image files, else
+    1) and must then lie in the declared range of ``like`` (else the convention for their
+    shape: [0, 1] images): a file of float images in 0–255 is an error naming the file, the
+    range found and the range expected, never silently wrong data.
+    """
     p = Path(path)
     if not p.exists():
         raise DataError(f"{name}: {p} does not exist (expected an .npz file or an image folder)")
+    if scale is not None and not (isinstance(scale, int | float) and scale > 0 and np.isfinite(scale)):
+        raise InputError(f"scale: expected a positive number, got {scale!r}")
     shape = like.input_shape if like is not None else None
     classes = like.classes if like is not None else None
     if p.is_dir():
@@ -215,11 +267,11 @@ def load_file(
         x8, y, found = read_image_folder(p, size=size, channels=channels, classes=classes)
         if require_labels and y is None:
             raise DataError(f"{name}: {p} holds no <class>/ subfolders, but this split needs labels")
-        x = x8.astype(np.float32) / 255.0
+        x = x8.astype(np.float32) / (255.0 if scale is None else scale)
         classes = classes or found
     elif p.suffix == ".npz":
         x, y = read_npz(p, require_labels=require_labels)
-        x = _conform(x, shape, f"{name}: {p}")
+        x = _conform(x, shape, f"{name}: {p}", scale)
         standardise = (meta or {}).get("standardise")
         if standardise is not None:
             x = (x - np.asarray(standardise["mean"])) / np.asarray(standardise["std"])
@@ -233,16 +285,20 @@ def load_file(
         raise DataError(f"{name}: {p}: labels must lie in 0..{len(classes) - 1}, got {y.min()}..{y.max()}")
     if not np.isfinite(x).all():
         raise DataError(f"{name}: {p}: 'x' contains NaN or infinite values")
+    declared = like.declared_range if like is not None else ValueRange.for_shape(x.shape[1:])
+    declared.check(x, f"{name}: {p}", hint=scale_hint(x) if len(x.shape) == 4 else "")
     yt = None if y is None else torch.from_numpy(y.astype(np.int64))
-    return Dataset(_tensor(x), yt, tuple(classes), name)
+    return Dataset(_tensor(x), yt, tuple(classes), name, declared)
 
 
-def _conform(x: np.ndarray, shape: tuple[int, ...] | None, where: str) -> np.ndarray:
-    """Bring an array to ``(N, *shape)`` floats: uint8 images are scaled to [0, 1];
-    channels-last images are transposed; flat rows of the right length are reshaped."""
-    if not (np.issubdtype(x.dtype, np.number)):
-        raise DataError(f"{where}: expected numeric 'x', got dtype {x.dtype}")
-    scale = 255.0 if x.dtype == np.uint8 else 1.0
+def _conform(x: np.ndarray, shape: tuple[int, ...] | None, where: str, scale: float | None) -> np.ndarray:
+    """Bring an array to ``(N, *shape)`` floats: values are divided by ``scale`` (default
+    255 for uint8, else 1); channels-last images are transposed; flat rows of the right
+    length are reshaped."""
+    if not (np.issubdtype(x.dtype, np.number)) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{where}: expected real numeric 'x', got dtype {x.dtype}")
+    if scale is None:
+        scale = 255.0 if x.dtype == np.uint8 else 1.0
     x = x.astype(np.float32) / scale
     if shape is None or x.shape[1:] == shape:
         return x

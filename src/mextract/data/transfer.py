@@ -54,7 +54,7 @@ def _image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
         raise InputError(f"{what}: expected an image input shape (C, H, W), got {shape}")
     if shape[0] not in (1, 3):
         raise InputError(f"{what}: expected 1 (grey) or 3 (RGB) channels, got {shape[0]}")
-    return shape  # type: ignore[return-value]
+    return (shape[0], shape[1], shape[2])
 
 
 def conform_images(x: torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
@@ -207,6 +207,28 @@ def pool_names() -> tuple[str, ...]:
     from mextract.data.registry import DATASETS
 
     return (*DATASETS, NATURAL_PATCHES)
+
+
+def check_pool(name: str, input_shape: Sequence[int], root: str | Path | None = None) -> None:
+    """Check, without loading it, that :func:`load_pool` can conform pool ``name`` to a victim
+    of ``input_shape``: a known name, images for an image victim, the same features for a
+    tabular one."""
+    from mextract.data.registry import dataset_info
+
+    shape = tuple(int(s) for s in input_shape)
+    if name == NATURAL_PATCHES:
+        _image_shape(shape, f"pool {name!r}")
+        return
+    if name not in pool_names():
+        raise UnknownNameError("pool", name, pool_names())
+    info = dataset_info(name, root)
+    if len(info.input_shape) == 3:
+        _image_shape(shape, f"pool {name!r} (images)")
+    elif info.input_shape != shape:
+        raise InputError(
+            f"pool {name!r}: tabular features of shape {info.input_shape} cannot be conformed to a "
+            f"victim input of shape {shape}; expected the same features"
+        )
 
 
 def load_pool(

@@ -43,7 +43,27 @@ class Owner:
     architecture: str
     seed: int = 0
     device: str | None = None
+    #: ``False`` for a stand-in owner (:meth:`stand_in`): models the defences need are built
+    #: but never trained, so that a defence spec can be checked in milliseconds.
+    fit_models: bool = True
     _misinformation: dict[int, nn.Module] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def stand_in(
+        cls, input_shape: tuple[int, ...], num_classes: int, architecture: str, seed: int = 0
+    ) -> Owner:
+        """An owner with an untrained victim and a few random inputs of the right shape, to
+        check defence specs (names, options, values) before any real work is done."""
+        from mextract.models import create_model
+
+        gen = torch.Generator().manual_seed(seed)
+        n = 2 * num_classes
+        x = torch.rand(n, *input_shape, generator=gen)
+        y = torch.arange(n) % num_classes
+        train = Dataset(x, y, tuple(str(i) for i in range(num_classes)), "stand-in")
+        with seeded(seed):
+            victim = create_model(architecture, input_shape, num_classes).eval()
+        return cls(victim=victim, train=train, architecture=architecture, seed=seed, fit_models=False)
 
     def surrogate(self) -> nn.Module:
         from mextract.models import create_model
@@ -63,6 +83,8 @@ class Owner:
         with seeded(self.seed + 11):
             model = create_model(self.architecture, self.train.input_shape, self.train.num_classes)
         config = TrainConfig(epochs=epochs, batch_size=64, lr=0.05)
+        if not self.fit_models:
+            return model.eval()
         model = fit(
             model, self.train.x, self.train.y, misinformation_loss, config, seed=self.seed, device="cpu"
         )
@@ -100,7 +122,7 @@ def _cosine(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
 
 
 def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
-    epochs = int(opts.pop("epochs", 10))
+    epochs = opts.pop("epochs", 10)
     return AdaptiveMisinformation(inner, misinformation=owner.misinformation_model(epochs), **opts)
 
 
@@ -148,6 +170,20 @@ def build_defence(spec: str, inner: Oracle, owner: Owner) -> Oracle:
         except TypeError as exc:
             raise InputError(f"defence {name!r}: bad options {sorted(options)}: {exc}") from exc
     return oracle
+
+
+def check_defence_spec(
+    spec: str, input_shape: tuple[int, ...], num_classes: int, architecture: str, seed: int = 0
+) -> None:
+    """Build the defence stack of ``spec`` around a stand-in API of the given shape: unknown
+    names, bad options and bad values fail here, before a victim is trained or a query sent."""
+    from mextract.oracle import VictimOracle
+
+    owner = Owner.stand_in(input_shape, num_classes, architecture, seed)
+    base = VictimOracle(
+        owner.victim, input_shape=input_shape, num_classes=num_classes, mode="logits", device="cpu"
+    )
+    build_defence(spec, base, owner)
 
 
 @torch.no_grad()

@@ -23,20 +23,20 @@ from typing import Any
 import torch
 
 from mextract.attacks import create_attack
-from mextract.attacks.base import Callback
-from mextract.attacks.registry import parse_attack_spec
-from mextract.data import load_splits
+from mextract.attacks.base import Callback, check_budget
+from mextract.attacks.registry import check_attack_spec, parse_attack_spec
+from mextract.data import dataset_info, load_splits
 from mextract.defences.adversarial import PGDConfig
 from mextract.defences.cosine import CosineWatermark
 from mextract.defences.detection import Prada
 from mextract.defences.ownership import DawnWatermark, TriggerWatermark
-from mextract.defences.registry import Owner, build_defence, honest_accuracy
+from mextract.defences.registry import Owner, build_defence, check_defence_spec, honest_accuracy
 from mextract.errors import InputError, MextractError
 from mextract.experiments.records import Record, same_config
 from mextract.experiments.runner import VICTIM_DIR, train_victim_run
 from mextract.metrics import Evaluator
-from mextract.models import load_checkpoint
-from mextract.oracle import Oracle, OracleWrapper, VictimOracle
+from mextract.models import default_model_for, load_checkpoint
+from mextract.oracle import Oracle, OracleWrapper, VictimOracle, stand_in_oracle
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +120,28 @@ def run_matrix(
         detect: put PRADA in front of every API and report its first alarm per attack.
     """
     out = Path(out)
+    # the whole plan is checked before any work: names, options and values of every spec
+    info = dataset_info(dataset)
+    arch = default_model_for(info.input_shape)
+    for spec in defences:
+        check_defence_spec(spec, info.input_shape, info.num_classes, arch, seed)
+    plain = stand_in_oracle(info.input_shape, info.num_classes, architecture=arch)  # the undefended API
+    planned = [check_attack_spec(spec, plain, budget) for spec in attacks]
+    if trigger_target is not None and not 0 <= trigger_target < info.num_classes:
+        raise InputError(
+            f"trigger_target: expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger_target}"
+        )
+    splits = load_splits(dataset, seed=seed)
+    for planned_attack in planned:
+        check_budget(planned_attack, budget, len(splits.pool))
     victim_record = train_victim_run(
         out, dataset=dataset, seed=seed, device=device, callback=callback, resume=resume,
         trigger_target=trigger_target, adversarial=adversarial,
     )  # fmt: skip
     victim, meta = load_checkpoint(out / VICTIM_DIR)
-    splits = load_splits(dataset, seed=seed)
     evaluator = Evaluator.from_victim(victim, splits.test, device=device)
     owner = Owner(victim=victim, train=splits.victim_train, architecture=meta["architecture"], seed=seed)
     trigger = None if trigger_target is None else TriggerWatermark(target=trigger_target)
-    for spec in defences:  # a bad spec fails here, before any cell is computed
-        _chain(victim, meta, spec, owner)
     records = [victim_record]
     for spec in defences:
         utility = _utility(out, spec, victim, meta, owner, splits, detect, resume)
@@ -232,7 +243,13 @@ def _cell(
     if result.queries != api.ledger.count:
         raise MextractError(f"internal error: {result.queries} reported, {api.ledger.count} answered")
     metrics.update(
-        {"status": "ok", "queries": result.queries, "wall_time_s": result.wall_time_s, **result.metrics}
+        {
+            "status": "ok",
+            "queries": result.queries,
+            "budget": budget,
+            "wall_time_s": result.wall_time_s,
+            **result.metrics,
+        }
     )
     if trigger is not None and splits.test.y is not None:
         metrics["wsr"] = trigger.wsr(result.model, splits.test.x, splits.test.y)
@@ -343,9 +360,9 @@ def matrix_table(records: Sequence[Record]) -> str:
     for d in defences:
         row = [d, pct(utility.get(d, {}).get("honest_accuracy"))]
         for a in attacks:
-            m = grid.get((d, a))
-            ok = m is not None and m.get("status", "ok") == "ok"
-            row.append("" if m is None else pct(m.get("fidelity")) if ok else "n/a")
+            cell = grid.get((d, a))
+            ok = cell is not None and cell.get("status", "ok") == "ok"
+            row.append("" if cell is None else pct(cell.get("fidelity")) if ok else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     # the API marks at a glance: the p-value of each verification, one column per attack
     tests = (("DAWN", "dawn_p"), ("CosWM", "cosine_p"))

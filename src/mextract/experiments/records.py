@@ -25,6 +25,7 @@ def versions() -> dict[str, str]:
         "numpy": np.__version__,
         "platform": platform.platform(),
         "cuda": torch.version.cuda or "none",
+        "torch_threads": str(torch.get_num_threads()),
     }
 
 

@@ -6,15 +6,19 @@ from collections.abc import Sequence
 
 from mextract.experiments.records import Record
 
-COLUMNS = ("strategy", "answers", "queries", "test acc", "fidelity", "time")
+COLUMNS = ("strategy", "answers", "budget", "queries", "test acc", "fidelity", "time")
 
 
 def _pct(v: object) -> str:
     return "–" if not isinstance(v, float) else f"{100 * v:.2f}%"
 
 
+def _count(v: object) -> str:
+    return f"{v:,}" if isinstance(v, int) else "–"
+
+
 def results_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]:
-    """A header line (the victim) and one row per attack record."""
+    """Header lines (the victim; the threads behind the timings) and one row per attack record."""
     header = []
     for r in records:
         if r.kind == "victim":
@@ -27,7 +31,8 @@ def results_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]
         [
             r.name,
             str(r.config.get("mode", "")),
-            f"{r.metrics.get('queries', 0):,}",
+            _count(r.metrics.get("budget", r.config.get("budget"))),
+            _count(r.metrics.get("queries")),
             _pct(r.metrics.get("test_accuracy")),
             _pct(r.metrics.get("fidelity")),
             f"{r.metrics.get('wall_time_s', float('nan')):.1f} s",
@@ -35,6 +40,10 @@ def results_rows(records: Sequence[Record]) -> tuple[list[str], list[list[str]]]
         for r in records
         if r.kind == "attack"
     ]
+    threads = sorted({r.versions["torch_threads"] for r in records if r.kind == "attack" and
+                      "torch_threads" in r.versions})  # fmt: skip
+    if threads:
+        header.append(f"times with {' or '.join(threads)} torch CPU thread(s)")
     return header, rows
 
 

@@ -15,15 +15,21 @@ from typing import Any
 
 import torch
 
-from mextract._utils import seeded
+from mextract._utils import resolve_device, seeded
 from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
-from mextract.data import load_splits
+from mextract.data import Dataset, ValueRange, dataset_info, load_file, load_splits
 from mextract.defences.adversarial import PGDConfig, adversarial_training
 from mextract.errors import DataError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
 from mextract.metrics import Evaluator, accuracy
-from mextract.models import create_model, default_model_for, load_checkpoint, save_checkpoint
+from mextract.models import (
+    check_model_name,
+    create_model,
+    default_model_for,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mextract.oracle import AnswerMode, VictimOracle
 from mextract.training import train_victim, victim_recipe
 
@@ -48,8 +54,12 @@ def train_victim_run(
     resume: bool = True,
     trigger_target: int | None = None,
     adversarial: PGDConfig | None = None,
+    scale: float | None = None,
 ) -> Record:
     """Stage 0: train a victim, save ``out/victim/`` (checkpoint) and ``out/victim.json``.
+
+    ``scale`` divides the values of the user's files (``victim_data``, ``pool_data``,
+    ``test_data``), e.g. 255 for float pixel values; see :func:`~mextract.data.load_splits`.
 
     ``adversarial`` trains it with PGD adversarial training instead (Madry et al. 2018;
     :func:`~mextract.defences.adversarial.adversarial_training`), a defence whose price is
@@ -61,10 +71,15 @@ def train_victim_run(
     """
     out = Path(out)
     recipe = victim_recipe(preset)
+    if model is not None:
+        check_model_name(model)
+    if dataset is not None:
+        dataset_info(dataset, data_root)
+    resolve_device(device)
     splits = load_splits(dataset, seed=seed, root=data_root, victim_data=victim_data,
-                         pool_data=pool_data, test_data=test_data)  # fmt: skip
+                         pool_data=pool_data, test_data=test_data, scale=scale)  # fmt: skip
     arch = model or default_model_for(splits.test.input_shape)
-    config = {
+    config: dict[str, Any] = {
         "dataset": dataset,
         "split": splits.describe(),
         "architecture": arch,
@@ -73,6 +88,8 @@ def train_victim_run(
         "data_root": None if data_root is None else str(data_root),
         "trigger_target": trigger_target,
     }
+    if scale is not None:  # absent otherwise, so that earlier records still match
+        config["scale"] = scale
     if adversarial is not None:  # absent otherwise, so that earlier records still match
         config["adversarial"] = asdict(adversarial)
     record_path = out / VICTIM_RECORD
@@ -110,6 +127,7 @@ def train_victim_run(
     meta = {
         "architecture": arch,
         "input_shape": list(splits.test.input_shape),
+        "value_range": splits.victim_train.declared_range.to_json(),
         "num_classes": splits.test.num_classes,
         "classes": list(splits.test.classes),
         "dataset": dataset,
@@ -139,6 +157,7 @@ def attack_run(
     pool_dataset: str | None = None,
     test_data: str | Path | None = None,
     data_root: str | Path | None = None,
+    scale: float | None = None,
     attack_options: dict[str, Any] | None = None,
     out: str | Path | None = None,
     device: str | None = None,
@@ -149,9 +168,11 @@ def attack_run(
 
     The pool and test set come from the victim's dataset and split seed, so the pool is
     disjoint from the victim's training data, unless ``pool_data``/``test_data`` replace
-    them. ``pool_dataset`` names an out-of-domain pool (a dataset name or
-    ``natural_patches``) conformed to the victim's input; its own labels go to attacks
-    with a ``pool_labels`` field (adaptive Knockoff). With ``out``, the record is
+    them (checked against the value range declared in the checkpoint; ``scale`` divides
+    their values first). A victim trained on files only needs both. ``pool_dataset``
+    names an out-of-domain pool (a dataset name or ``natural_patches``) conformed to the
+    victim's input; its own labels go to attacks with a ``pool_labels`` field (adaptive
+    Knockoff). With ``out``, the record is
     ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the substitute is saved beside it.
     """
     net, meta = load_checkpoint(victim)
@@ -159,6 +180,7 @@ def attack_run(
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if precision not in dtypes:
         raise UnknownNameError("precision", precision, list(dtypes))
+    resolve_device(device)
     config: dict[str, Any] = {
         "victim": str(Path(victim).resolve()),
         "victim_architecture": meta["architecture"],
@@ -175,6 +197,8 @@ def attack_run(
         "pool_dataset": pool_dataset,
         "test_data": None if test_data is None else str(test_data),
     }
+    if scale is not None:  # absent otherwise, so that earlier records still match
+        config["scale"] = scale
     stem = f"attack-{attack}-{answer_mode.value}-{budget}-s{seed}"
     record_path = None if out is None else Path(out) / f"{stem}.json"
     if resume and record_path is not None and record_path.is_file():
@@ -183,10 +207,12 @@ def attack_run(
             logger.info("reusing %s (same configuration)", record_path)
             return old
     options = dict(attack_options or {})
+    create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
     pool = None
     if pool_dataset is not None:
-        from mextract.data.transfer import load_pool
+        from mextract.data.transfer import check_pool, load_pool
 
+        check_pool(pool_dataset, meta["input_shape"], data_root)
         pool = load_pool(pool_dataset, meta["input_shape"], seed=seed, root=data_root)
         cls = ATTACKS.get(attack)
         takes_labels = is_dataclass(cls) and any(f.name == "pool_labels" for f in fields(cls))
@@ -195,15 +221,23 @@ def attack_run(
     atk = create_attack(attack, **options)
     split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
     dataset = meta.get("dataset")
-    if dataset is None and (pool_data is None or test_data is None):
-        raise DataError("this victim was trained on files: give both pool_data and test_data")
-    splits = load_splits(dataset, seed=split_seed, root=data_root or meta.get("data_root"),
-                         pool_data=pool_data, test_data=test_data)  # fmt: skip
+    if dataset is None:
+        if (pool_data is None and pool is None) or test_data is None:
+            raise DataError("this victim was trained on files: give its attacker pool and test_data")
+        like = _template(meta)
+        test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
+        if pool is None:
+            assert pool_data is not None
+            pool = load_file(pool_data, like=like, require_labels=False, name="pool", scale=scale)
+    else:
+        splits = load_splits(dataset, seed=split_seed, root=data_root or meta.get("data_root"),
+                             pool_data=pool_data, test_data=test_data, scale=scale)  # fmt: skip
+        test = splits.test
+        pool = splits.pool if pool is None else pool
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
                           mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
                           device=device)  # fmt: skip
-    evaluator = Evaluator.from_victim(net, splits.test, device=device)
-    pool = splits.pool if pool is None else pool
+    evaluator = Evaluator.from_victim(net, test, device=device)
     result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
                  evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
     if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
@@ -228,6 +262,15 @@ def attack_run(
     return record
 
 
+def _template(meta: dict[str, Any]) -> Dataset:
+    """An empty dataset shaped like the checkpoint's inputs (classes, declared value range),
+    for reading a files-only victim's pool and test files."""
+    shape = [int(s) for s in meta["input_shape"]]
+    classes = tuple(meta.get("classes") or (str(i) for i in range(int(meta["num_classes"]))))
+    return Dataset(torch.empty(0, *shape), None, classes, "template",
+                   ValueRange.from_json(meta.get("value_range"), shape))  # fmt: skip
+
+
 def attack_record(result: AttackResult, config: dict[str, Any], seed: int, evaluator: Evaluator) -> Record:
     summary = result.to_record()
     return Record(
@@ -237,6 +280,7 @@ def attack_record(result: AttackResult, config: dict[str, Any], seed: int, evalu
         config={**config, "attack_config": summary["config"]},
         metrics={
             "queries": result.queries,
+            "budget": result.budget,
             "wall_time_s": result.wall_time_s,
             "victim_accuracy": evaluator.victim_accuracy,
             **result.metrics,

@@ -9,6 +9,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mextract.data.base import ValueRange
 from mextract.errors import DataError
 from mextract.models.zoo import create_model
 
@@ -19,7 +20,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any
     """Write ``model.safetensors`` and ``model.json`` into ``directory``.
 
     ``meta`` must hold ``architecture``, ``input_shape`` and ``num_classes`` (and may hold
-    ``options``, dataset, split, seed, test accuracy ...), enough to rebuild the model.
+    ``options``, ``value_range`` — the declared range of the inputs, see
+    :class:`~mextract.data.ValueRange` —, dataset, split, seed, test accuracy ...), enough
+    to rebuild the model and describe its inputs.
     """
     missing = {"architecture", "input_shape", "num_classes"} - set(meta)
     if missing:
@@ -34,8 +37,8 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any
     return d
 
 
-def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a zoo model from a checkpoint folder; returns ``(model, meta)`` in eval mode."""
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata, checked, without building the model or reading weights."""
     d = Path(directory)
     if not (d / WEIGHTS).is_file() or not (d / META).is_file():
         raise DataError(
@@ -44,11 +47,25 @@ def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         )
     try:
         meta = json.loads((d / META).read_text())
-        model = create_model(
-            meta["architecture"], meta["input_shape"], meta["num_classes"], **meta.get("options", {})
-        )
-    except (json.JSONDecodeError, KeyError) as exc:
+    except json.JSONDecodeError as exc:
         raise DataError(f"{d / META}: malformed checkpoint metadata ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise DataError(f"{d / META}: malformed checkpoint metadata (expected a JSON object)")
+    missing = {"architecture", "input_shape", "num_classes"} - set(meta)
+    if missing:
+        raise DataError(f"{d / META}: malformed checkpoint metadata (missing {sorted(missing)})")
+    if "value_range" not in meta:  # checkpoints older than the field: the convention for the shape
+        meta["value_range"] = ValueRange.for_shape(meta["input_shape"]).to_json()
+    return meta
+
+
+def load_checkpoint(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a zoo model from a checkpoint folder; returns ``(model, meta)`` in eval mode."""
+    d = Path(directory)
+    meta = read_meta(d)
+    model = create_model(
+        meta["architecture"], meta["input_shape"], meta["num_classes"], **meta.get("options", {})
+    )
     if meta.get("dtype") == "float64":  # e.g. parameters recovered exactly by direct extraction
         model = model.double()
     model.load_state_dict(load_file(str(d / WEIGHTS)))

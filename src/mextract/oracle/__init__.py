@@ -6,7 +6,7 @@ are :class:`OracleWrapper` subclasses; a remote API is one more :class:`Oracle`.
 
 from mextract.oracle.base import Oracle, OracleWrapper
 from mextract.oracle.ledger import Ledger
-from mextract.oracle.local import VictimOracle
+from mextract.oracle.local import VictimOracle, stand_in_oracle
 from mextract.oracle.modes import AnswerMode, answers_to_probs, restrict
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "VictimOracle",
     "answers_to_probs",
     "restrict",
+    "stand_in_oracle",
 ]

@@ -169,3 +169,24 @@ class VictimOracle(Oracle):
                 f"expected ({x.shape[0]}, {self.num_classes})"
             )
         return out.detach().to(device="cpu", dtype=self.dtype)
+
+
+def stand_in_oracle(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    mode: AnswerMode | str = AnswerMode.PROBS,
+    k: int | None = None,
+    decimals: int | None = None,
+    architecture: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> VictimOracle:
+    """An API with the given public description over an *untrained* zoo model, to check an
+    attack's parameters against it (:meth:`~mextract.attacks.Attack.check_params`) before the
+    real victim is trained or loaded. Its answers mean nothing; nothing should query it."""
+    from mextract.models import create_model, default_model_for
+
+    shape = tuple(int(s) for s in input_shape)
+    net = create_model(architecture or default_model_for(shape), shape, num_classes)
+    return VictimOracle(net, input_shape=shape, num_classes=num_classes, mode=mode, k=k, decimals=decimals,
+                        dtype=dtype, device="cpu")  # fmt: skip

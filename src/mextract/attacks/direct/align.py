@@ -15,6 +15,7 @@ large error. True units whose output column is zero are *functionally irrelevant
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -125,14 +126,14 @@ class LinearError:
     max_rel_error: float
 
 
-def sklearn_linear_params(est: object) -> tuple[np.ndarray, np.ndarray]:
+def sklearn_linear_params(est: Any) -> tuple[np.ndarray, np.ndarray]:
     """The logits a fitted scikit-learn linear classifier gives the oracle, as ``(W, b)``.
 
     Binary models (``coef_`` of one row) become ``W = [0; coef]``, ``b = [0, intercept]``,
     the oracle's ``(0, d)`` logit pair.
     """
-    coef = np.asarray(est.coef_, dtype=np.float64)  # type: ignore[attr-defined]
-    icpt = np.asarray(est.intercept_, dtype=np.float64)  # type: ignore[attr-defined]
+    coef = np.asarray(est.coef_, dtype=np.float64)
+    icpt = np.asarray(est.intercept_, dtype=np.float64)
     if coef.shape[0] == 1:
         coef = np.vstack([np.zeros_like(coef), coef])
         icpt = np.concatenate([[0.0], icpt])

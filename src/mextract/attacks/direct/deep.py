@@ -224,10 +224,8 @@ class ReLU2Cryptanalysis(Attack):
             )
 
     def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]] | None:
-        return "relu2", {"hidden1": int(model[1].out_features), "hidden2": int(model[3].out_features)}
-
-    def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
-        return dict(getattr(model, "extraction_info", {}))
+        first, second = [m for m in model.modules() if isinstance(m, nn.Linear)][:2]  # the two hidden layers
+        return "relu2", {"hidden1": int(first.out_features), "hidden2": int(second.out_features)}
 
     # ================================================================== run
     def run(self, ctx: AttackContext) -> nn.Module:
@@ -397,15 +395,17 @@ class ReLU2Cryptanalysis(Attack):
         stages["queries_layer2"] = float(ctx.spent) - sum(stages.values())
         stages["hidden_space_chords"] = float(idx + 1)
         model = relu2_model(params)
-        model.extraction_info = {  # type: ignore[assignment]
-            "layer1_units": float(h1),
-            "layer2_units": float(len(w1)),
-            "candidates": float(len(uniq)),
-            "flipped_layer2_units": float(flips.sum()),
-            "verify_rel_error": rel,
-            "attack_time_s": time.perf_counter() - t_start,
-            **stages,
-        }
+        ctx.metrics.update(
+            {
+                "layer1_units": float(h1),
+                "layer2_units": float(len(w1)),
+                "candidates": float(len(uniq)),
+                "flipped_layer2_units": float(flips.sum()),
+                "verify_rel_error": rel,
+                "attack_time_s": time.perf_counter() - t_start,
+                **stages,
+            }
+        )
         logger.info("relu2 extraction: %d-%d units, verify error %.3g", h1, len(w1), rel)
         return model
 

@@ -111,7 +111,7 @@ class EquationSolving(Attack):
             flat = FlatOracle(oracle)
             weight, bias, info = self._exact(flat, ctx, rng)
         model = linear_model(weight, bias, shape)
-        model.extraction_info = info  # type: ignore[assignment]
+        ctx.metrics.update(info)
         return model
 
     def _design(self, d: int) -> np.ndarray:
@@ -207,9 +207,6 @@ class EquationSolving(Attack):
         info = {"exact": 0.0, "error_bound": bound, "equations": float(used)}
         logger.info("equation solving (rounded): %d equations, error bound %.3g", used, bound)
         return weight, bias, info
-
-    def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
-        return dict(getattr(model, "extraction_info", {}))
 
 
 def _weighted_fit(

@@ -172,7 +172,9 @@ class ReLUCryptanalysis(Attack):
 
     # ================================================================== run
     def model_spec(self, model: nn.Module) -> tuple[str, dict[str, Any]]:
-        return "relu1", {"hidden": int(model[-1].in_features)}
+        last = list(model.children())[-1]
+        assert isinstance(last, nn.Linear)  # relu1_model's layout: [Flatten →] Linear → ReLU → Linear
+        return "relu1", {"hidden": int(last.in_features)}
 
     def run(self, ctx: AttackContext) -> nn.Module:
         t_start = time.perf_counter()
@@ -282,21 +284,20 @@ class ReLUCryptanalysis(Attack):
                 "unit was missed (e.g. two critical points too close to separate)"
             )
         model = relu1_model(w0, b0, a1, b1)
-        model.extraction_info = {  # type: ignore[assignment]
-            "hidden_units": float(w0.shape[0]),
-            "kinks": float(len(ts)),
-            "flipped_units": float(flips.sum()),
-            "requeried_columns": float(requeried),
-            "verify_rel_error": rel,
-            "search_points": float(values),
-            "attack_time_s": time.perf_counter() - t_start,
-            **stages,
-        }
+        ctx.metrics.update(
+            {
+                "hidden_units": float(w0.shape[0]),
+                "kinks": float(len(ts)),
+                "flipped_units": float(flips.sum()),
+                "requeried_columns": float(requeried),
+                "verify_rel_error": rel,
+                "search_points": float(values),
+                "attack_time_s": time.perf_counter() - t_start,
+                **stages,
+            }
+        )
         logger.info("relu extraction: %d units, verify error %.3g", w0.shape[0], rel)
         return model
-
-    def extra_metrics(self, ctx: AttackContext, model: nn.Module) -> dict[str, float]:
-        return dict(getattr(model, "extraction_info", {}))
 
     # ====================================================== kink search
     def _find_kinks(self, line: _Line, unit: float, reach: int) -> tuple[list[float], int]:
