@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ def _flat(text: str) -> str:
 
 
 def _mextract(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("mextract")
+    """Run the console script that ``pip install`` put beside this Python (else on the PATH)."""
+    beside = Path(sys.executable).parent / "mextract"
+    exe = str(beside) if beside.is_file() else shutil.which("mextract")
     assert exe is not None, "the mextract console script is not installed (pip install -e .)"
     env = {**os.environ, "COLUMNS": "120"}
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
