@@ -35,7 +35,7 @@ from mextract.errors import InputError
 from mextract.experiments import train_victim_run
 from mextract.metrics import Evaluator
 from mextract.models import create_model, load_checkpoint, save_checkpoint
-from mextract.oracle import VictimOracle
+from mextract.oracle import APIDescription, VictimOracle
 from mextract.training import train_victim
 
 #: (attack spec, answer mode)
@@ -127,7 +127,7 @@ def main() -> None:
             name, options = parse_attack_spec(spec)
             attack = create_attack(name, **options)
             try:
-                attack.check_params(dawn, splits.pool.unlabeled(), args.budget)
+                attack.check_params(APIDescription.of(dawn), splits.pool.unlabeled().x, args.budget)
             except InputError as exc:  # e.g. an attack that needs probabilities, against labels
                 print(f"| `{spec}` | {mode} | n/a: {exc} |")
                 break

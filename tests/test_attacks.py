@@ -71,8 +71,8 @@ def test_an_attack_cannot_pass_its_budget(digits_splits, digits_victim) -> None:
 
     class Greedy(KnockoffDistillation):
         def run(self, ctx):  # type: ignore[no-untyped-def]
-            ctx.oracle.query(ctx.pool[: ctx.budget])
-            ctx.oracle.query(ctx.pool[:1])  # one too many
+            ctx.api.query(ctx.pool[: ctx.budget])
+            ctx.api.query(ctx.pool[:1])  # one too many
             raise AssertionError("unreachable")
 
     with pytest.raises(BudgetExceededError):

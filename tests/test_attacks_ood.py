@@ -13,7 +13,7 @@ from mextract.data.transfer import conform_images, kmeans, load_pool, natural_pa
 from mextract.errors import DataError, InputError, UnknownNameError
 from mextract.metrics import Evaluator
 from mextract.models import create_model
-from mextract.oracle import AnswerMode, VictimOracle
+from mextract.oracle import AnswerMode, Client, VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=12, batch_size=32, lr=0.05)
@@ -214,7 +214,7 @@ def test_dfme_gradient_estimate_points_along_the_true_gradient(digits_victim) ->
     torch.manual_seed(0)
     sub = create_model("cnn", (1, 8, 8), 10).eval()
     ctx = AttackContext(
-        oracle=oracle, pool=None, budget=10_000, make_substitute=lambda: sub, evaluator=None,
+        api=Client(oracle, 10_000), pool=None, budget=10_000, make_substitute=lambda: sub,
         generator=torch.Generator().manual_seed(0), seed=0, device=torch.device("cpu"), callback=None,
     )  # fmt: skip
     attack = DataFreeExtraction(directions=400, epsilon=1e-3)

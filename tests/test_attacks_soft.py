@@ -14,7 +14,7 @@ from mextract.attacks.spsg import SPSG, superpixels
 from mextract.attacks.substitute import soft_targets
 from mextract.errors import InputError
 from mextract.metrics import Evaluator
-from mextract.oracle import VictimOracle
+from mextract.oracle import Client, VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=15, batch_size=32, lr=0.05)
@@ -26,9 +26,8 @@ def _oracle(victim, mode: str = "probs", **kw):  # type: ignore[no-untyped-def]
 
 def _context(oracle: VictimOracle, pool: torch.Tensor, budget: int) -> AttackContext:
     return AttackContext(
-        oracle=oracle, pool=pool, budget=budget, make_substitute=lambda: torch.nn.Identity(),
-        evaluator=None, generator=torch.Generator().manual_seed(0), seed=0,
-        device=torch.device("cpu"), callback=None,
+        api=Client(oracle, budget), pool=pool, budget=budget, make_substitute=lambda: torch.nn.Identity(),
+        generator=torch.Generator().manual_seed(0), seed=0, device=torch.device("cpu"), callback=None,
     )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ from mextract.attacks.selection import check_strategy_name, create_strategy
 from mextract.attacks.semi import SemiSupervised, train_semi
 from mextract.attacks.substitute import hard_targets, query_pool, soft_targets, train_substitute
 from mextract.errors import InputError, UnknownNameError
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription, Client
 from mextract.training import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -92,11 +92,11 @@ class ActiveExtraction(Attack):
         if isinstance(self.semi, dict):  # e.g. from a config file or create_attack
             self.semi = SemiSupervised(**self.semi)
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         create_strategy(self.strategy, **self.strategy_options)  # bad options fail before any query
-        if self.labels == "soft" and not oracle.mode.is_soft:
+        if self.labels == "soft" and not api.mode.is_soft:
             raise InputError(
-                f"labels: expected 'hard' or 'auto' for a {oracle.mode.value!r} oracle, got 'soft'"
+                f"labels: expected 'hard' or 'auto' for a {api.mode.value!r} oracle, got 'soft'"
             )
         if not self.temperature > 0:
             raise InputError(f"temperature: expected a positive number, got {self.temperature}")
@@ -110,18 +110,18 @@ class ActiveExtraction(Attack):
         if self.semi is not None and not isinstance(self.semi, SemiSupervised):
             raise InputError(f"semi: expected SemiSupervised or None, got {type(self.semi).__name__}")
 
-    def soft_labels(self, oracle: Oracle) -> bool:
-        return self.labels == "soft" or (self.labels == "auto" and oracle.mode.is_soft)
+    def soft_labels(self, api: APIDescription | Client) -> bool:
+        return self.labels == "soft" or (self.labels == "auto" and api.mode.is_soft)
 
     def run(self, ctx: AttackContext) -> nn.Module:
         assert ctx.pool is not None
         pool = ctx.pool
-        soft = self.soft_labels(ctx.oracle)
+        soft = self.soft_labels(ctx.api)
         temperature = self.temperature if soft else 1.0
         select = create_strategy(self.strategy, **self.strategy_options)
         total = min(ctx.remaining, len(pool))
         sizes = [s for s in round_sizes(total, self.initial, self.rounds) if s > 0]
-        quiet = replace(ctx, evaluator=None)  # selection models: one history point per round
+        quiet = replace(ctx, snapshot=None)  # selection models: one history point per round
         round_cfg = replace(self.train, epochs=self.round_epochs)
 
         queried = torch.zeros(len(pool), dtype=torch.bool)
@@ -150,11 +150,8 @@ class ActiveExtraction(Attack):
                 start = None if self.retrain else model
                 model = train_substitute(quiet, x, targets, soft=soft, temperature=temperature,
                                          config=round_cfg, model=start)  # fmt: skip
-                point = ctx.evaluate(model, r)
-                logger.info(
-                    "active %s round %d: %d queries%s", self.strategy, r, ctx.spent,
-                    "" if point is None else f", fidelity {point.fidelity:.4f}",
-                )  # fmt: skip
+                ctx.report(model, r)
+                logger.info("active %s round %d: %d queries", self.strategy, r, ctx.spent)
                 continue
             start = None if self.retrain else model
             if self.semi is not None:

@@ -1,10 +1,14 @@
 """What every attack shares: the fixed outer call, its context and its one result type.
 
 Following foolbox, an attack is a small configured object whose ``__call__`` is fixed:
-it checks the arguments, caps the oracle's ledger at the attack's budget, seeds the
-run, times it, and reads the query count back from the ledger. A new attack writes only
-:meth:`Attack.run`. Because the cap lives in the ledger, an attack *cannot* overspend:
-a batch that would pass the budget raises before the victim sees any of it.
+it checks the arguments, gives the attack a :class:`~mextract.oracle.Client` of the API
+with the attack's budget (and caps the oracle's ledger at it as well), seeds the run,
+times it, and reads the query count back. A new attack writes only :meth:`Attack.run`.
+The client is all the attack sees of the victim — what a remote client of the API would
+have: ``query``, the API's public description, ``spent`` and ``remaining``; it cannot
+overspend (a batch that would pass the budget raises before the victim sees any of it),
+and it never holds the evaluator: it hands substitute snapshots to ``ctx.report``, and
+the fixed outer call scores them into the learning curve.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from mextract._utils import as_tensor, check_shape, resolve_device, seeded
 from mextract.data.base import Dataset
 from mextract.errors import InputError
 from mextract.metrics import Evaluator
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription, Client, Oracle
 
 logger = logging.getLogger(__name__)
 
@@ -70,60 +74,57 @@ Event = dict[str, Any]
 Callback = Callable[[Event], None]
 
 
+#: Receives a substitute snapshot and its epoch (or round); returns nothing to the attack.
+Snapshot = Callable[[nn.Module, int], None]
+
+
 @dataclass
 class AttackContext:
-    """Everything :meth:`Attack.run` may use. The victim is reachable only via ``oracle``."""
+    """Everything :meth:`Attack.run` may use. The victim is reachable only via ``api``, a
+    :class:`~mextract.oracle.Client`: ``query``, ``description``, ``spent``, ``remaining``."""
 
-    oracle: Oracle
+    api: Client
     pool: torch.Tensor | None
     budget: int
     make_substitute: Callable[[], nn.Module]
-    evaluator: Evaluator | None
     generator: torch.Generator
     seed: int
     device: torch.device
     callback: Callback | None
-    history: list[HistoryPoint] = field(default_factory=list)
+    #: scores a snapshot into the learning curve (``None``: nobody is scoring)
+    snapshot: Snapshot | None = None
     #: attack-specific final metrics that :meth:`Attack.run` reports (e.g. a direct
     #: attack's verification error); they go into the result's ``metrics``
     metrics: dict[str, float] = field(default_factory=dict)
-    start_count: int = 0
-    start_time: float = field(default_factory=time.perf_counter)
 
     @property
     def spent(self) -> int:
-        return self.oracle.ledger.count - self.start_count
+        return self.api.spent
 
     @property
     def remaining(self) -> int:
-        return self.budget - self.spent
+        """Queries left: the attack's budget, or less if the API's own quota is smaller."""
+        left = self.budget - self.api.spent
+        api = self.api.remaining
+        return left if api is None else min(left, api)
 
     def emit(self, **event: Any) -> None:
         if self.callback is not None:
             self.callback(event)
 
-    def evaluate(self, model: nn.Module, epoch: int) -> HistoryPoint | None:
-        """Score ``model`` on the evaluator (if any), append to the history and report it."""
-        if self.evaluator is None:
-            return None
-        scores = self.evaluator.evaluate(model)
-        point = HistoryPoint(
-            queries=self.spent,
-            epoch=epoch,
-            test_accuracy=scores["test_accuracy"],
-            fidelity=scores["fidelity"],
-            elapsed_s=time.perf_counter() - self.start_time,
-        )
-        self.history.append(point)
-        return point
+    def report(self, model: nn.Module, epoch: int) -> None:
+        """Hand a snapshot of the substitute to the runner, which scores it (queries spent so
+        far, test accuracy, fidelity) into the learning curve. The attack learns nothing back."""
+        if self.snapshot is not None:
+            self.snapshot(model, epoch)
 
 
-def _pool_tensor(pool: Dataset | torch.Tensor | object | None, oracle: Oracle) -> torch.Tensor | None:
+def _pool_tensor(pool: Dataset | torch.Tensor | object | None, api: APIDescription) -> torch.Tensor | None:
     if pool is None:
         return None
     x = pool.x if isinstance(pool, Dataset) else pool
     t = as_tensor(x, name="pool", dtype=torch.float32)
-    check_shape(t, oracle.input_shape, name="pool")
+    check_shape(t, api.input_shape, name="pool")
     return t
 
 
@@ -135,7 +136,8 @@ class Attack(ABC):
         result = attack(oracle, pool, budget, substitute="cnn", evaluator=ev, seed=0)
 
     Args:
-        oracle: the victim's black box (possibly defended or remote).
+        oracle: the victim's black box (possibly defended or remote); the attack gets only
+            a :class:`~mextract.oracle.Client` of it.
         pool: the attacker's unlabeled inputs, a :class:`Dataset` or a tensor shaped like
             the oracle's inputs (``None`` only for attacks that make their own queries).
         budget: the most samples this attack may have answered.
@@ -165,46 +167,65 @@ class Attack(ABC):
             raise InputError(f"oracle: expected an mextract Oracle, got {type(oracle).__name__}")
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise InputError(f"budget: expected a positive integer, got {budget!r}")
-        x_pool = _pool_tensor(pool, oracle)
+        client = Client(oracle, budget)
+        api = client.description
+        x_pool = _pool_tensor(pool, api)
         if self.needs_pool and (x_pool is None or len(x_pool) == 0):
             raise InputError(f"attack {self.name!r} needs a non-empty attacker pool")
-        self.check_params(oracle, x_pool, budget)
+        self.check_params(api, x_pool, budget)
         check_budget(self, budget, None if x_pool is None else len(x_pool))
-        gen = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        history: list[HistoryPoint] = []
+
+        def snapshot(model: nn.Module, epoch: int) -> None:  # the runner's side: the attack never sees it
+            assert evaluator is not None
+            scores = evaluator.evaluate(model)
+            history.append(
+                HistoryPoint(
+                    queries=client.spent,
+                    epoch=epoch,
+                    elapsed_s=time.perf_counter() - start,
+                    test_accuracy=scores["test_accuracy"],
+                    fidelity=scores["fidelity"],
+                )
+            )
+            if callback is not None:
+                callback({"stage": "score", **scores})
+
         ctx = AttackContext(
-            oracle=oracle,
+            api=client,
             pool=x_pool,
             budget=budget,
-            make_substitute=_substitute_factory(substitute, oracle),
-            evaluator=evaluator,
-            generator=gen,
+            make_substitute=_substitute_factory(substitute, api),
+            generator=torch.Generator().manual_seed(seed),
             seed=seed,
             device=resolve_device(device),
             callback=callback,
-            start_count=oracle.ledger.count,
+            snapshot=None if evaluator is None else snapshot,
         )
         logger.info(
             "attack %s: budget %d, pool %s", self.name, budget, None if x_pool is None else len(x_pool)
         )
         with oracle.ledger.cap(budget), seeded(seed):
             model = self.run(ctx)
-        wall = time.perf_counter() - ctx.start_time
+        wall = time.perf_counter() - start
         metrics = {**ctx.metrics, **self.extra_metrics(ctx, model)}
         if evaluator is not None:
             metrics.update(evaluator.evaluate(model))
         return AttackResult(
             attack=self.name,
             model=model,
-            queries=ctx.spent,
+            queries=client.spent,
             budget=budget,
             wall_time_s=wall,
-            history=ctx.history,
+            history=history,
             metrics=metrics,
             config={"seed": seed, **self.config()},
         )
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:  # noqa: B027
-        """Validate the attack's own parameters against the oracle (override to add checks)."""
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:  # noqa: B027
+        """Validate the attack's own parameters against the API's public description (override
+        to add checks). Called before any query, and by the command line before any work."""
 
     def max_queries(self, pool_size: int | None) -> int | None:
         """The most queries this attack can spend from a pool of ``pool_size`` points, or
@@ -259,7 +280,7 @@ def check_budget(attack: Attack, budget: int, pool_size: int | None) -> None:
 
 
 def _substitute_factory(
-    substitute: str | Callable[[], nn.Module] | None, oracle: Oracle
+    substitute: str | Callable[[], nn.Module] | None, oracle: APIDescription
 ) -> Callable[[], nn.Module]:
     from mextract.models import check_model_name, create_model, default_model_for
 

@@ -18,7 +18,7 @@ from mextract.attacks.substitute import (
     train_substitute,
 )
 from mextract.errors import InputError
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription
 from mextract.training import TrainConfig
 
 #: Substitute training for the baselines: the sources train 40 epochs; SGD with Nesterov
@@ -44,7 +44,7 @@ class KnockoffDistillation(Attack):
     train: TrainConfig = SUBSTITUTE_TRAINING
     semi: SemiSupervised | None = None
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if not self.temperature > 0:
             raise InputError(f"temperature: expected a positive number, got {self.temperature}")
 

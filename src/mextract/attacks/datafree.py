@@ -65,7 +65,7 @@ from torch import nn
 
 from mextract.attacks.base import Attack, AttackContext
 from mextract.errors import InputError
-from mextract.oracle import AnswerMode, Oracle
+from mextract.oracle import AnswerMode, APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class DataFreeExtraction(Attack):
         b = self.batch_size
         return self.n_generator * b * (self.directions + 1) + self.n_substitute * b
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         for name in ("batch_size", "latent_dim", "ngf", "directions", "evaluations"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -170,14 +170,14 @@ class DataFreeExtraction(Attack):
                 raise InputError(f"{name}: expected a positive number, got {v!r}")
         if not all(0 < s < 1 for s in self.lr_steps):
             raise InputError(f"lr_steps: expected fractions in (0, 1), got {self.lr_steps}")
-        if oracle.mode not in SOFT_ENOUGH:
+        if api.mode not in SOFT_ENOUGH:
             raise InputError(
                 f"answer mode: DFME recovers the victim's logits from its full output, so it expected "
-                f"'logits' or 'probs', got {oracle.mode.value!r}"
+                f"'logits' or 'probs', got {api.mode.value!r}"
             )
-        if len(oracle.input_shape) != 3:
+        if len(api.input_shape) != 3:
             raise InputError(
-                f"input shape: DFME's generator makes images, expected (C, H, W), got {oracle.input_shape}"
+                f"input shape: DFME's generator makes images, expected (C, H, W), got {api.input_shape}"
             )
         if budget < self.queries_per_iteration:
             raise InputError(
@@ -189,8 +189,8 @@ class DataFreeExtraction(Attack):
     # ------------------------------------------------------------------ running
 
     def _victim(self, ctx: AttackContext, x: torch.Tensor) -> torch.Tensor:
-        answers = ctx.oracle.query(x.detach().cpu())
-        return victim_logits(answers, ctx.oracle.mode).to(ctx.device)
+        answers = ctx.api.query(x.detach().cpu())
+        return victim_logits(answers, ctx.api.mode).to(ctx.device)
 
     def _estimate_gradient(
         self, ctx: AttackContext, sub: nn.Module, pre: torch.Tensor
@@ -218,7 +218,7 @@ class DataFreeExtraction(Attack):
 
     def run(self, ctx: AttackContext) -> nn.Module:
         dev, gen = ctx.device, ctx.generator
-        c, h, w = ctx.oracle.input_shape
+        c, h, w = ctx.api.input_shape
         cost = self.queries_per_iteration
         iterations = ctx.budget // cost
         logger.info(
@@ -263,11 +263,9 @@ class DataFreeExtraction(Attack):
             sched_s.step()
             sched_g.step()
             sub.eval()
-            point = ctx.evaluate(sub, it) if it % every == 0 or it == iterations else None
-            scores = (
-                {} if point is None else {"fidelity": point.fidelity, "test_accuracy": point.test_accuracy}
-            )
             ctx.emit(stage="dfme", done=it, total=iterations, loss_generator=loss_g, loss_substitute=loss_s,
-                     queries=ctx.spent, **scores)  # fmt: skip
+                     queries=ctx.spent)  # fmt: skip
+            if it % every == 0 or it == iterations:
+                ctx.report(sub, it)
         logger.info("dfme: done, %d queries, last losses G %.4f S %.4f", ctx.spent, loss_g, loss_s)
         return sub.eval()

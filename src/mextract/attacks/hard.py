@@ -28,7 +28,7 @@ from mextract.attacks.baselines import SUBSTITUTE_TRAINING
 from mextract.attacks.substitute import hard_targets, query_pool, random_subset, train_substitute
 from mextract.data.augment import flip_crop, random_rotation
 from mextract.errors import InputError
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription
 from mextract.training import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,10 @@ _MIXUP_TARGETS: tuple[str, ...] = ("pair", "oracle", "both")
 # ------------------------------------------------------------------------------ helpers
 
 
-def _check_images(oracle: Oracle, attack: str) -> None:
-    if len(oracle.input_shape) != 3:
+def _check_images(api: APIDescription, attack: str) -> None:
+    if len(api.input_shape) != 3:
         raise InputError(
-            f"{attack}: expected image inputs shaped (C, H, W), got input shape {tuple(oracle.input_shape)}"
+            f"{attack}: expected image inputs shaped (C, H, W), got input shape {tuple(api.input_shape)}"
         )
 
 
@@ -146,8 +146,8 @@ class HardAugment(Attack):
     def max_queries(self, pool_size: int | None) -> int | None:
         return None  # its queries are made from the pool, not drawn from it
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
-        _check_images(oracle, self.name)
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        _check_images(api, self.name)
         if not isinstance(self.flip, bool):
             raise InputError(f"flip: expected True or False, got {self.flip!r}")
         _check_int("pad", self.pad, 0)
@@ -208,7 +208,7 @@ class HardBoundary(Attack):
     def max_queries(self, pool_size: int | None) -> int | None:
         return None  # its queries are made from the pool, not drawn from it
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         _check_int("steps", self.steps, 1)
         _check_fraction("seed_fraction", self.seed_fraction)
 
@@ -232,8 +232,7 @@ class HardBoundary(Attack):
         lo, hi = torch.zeros(len(pairs)), torch.ones(len(pairs))
         alive = len(pairs)  # searches still running (a prefix; shrinks only if the budget ends)
         for step in range(self.steps):
-            left = ctx.oracle.ledger.remaining  # the attack's cap and any budget of the oracle's own
-            alive = min(alive, ctx.remaining if left is None else min(left, ctx.remaining))
+            alive = min(alive, ctx.remaining)  # the attack's budget and any quota of the API's own
             if alive == 0:
                 break
             t = (lo[:alive] + hi[:alive]) / 2
@@ -296,7 +295,7 @@ class HardMixup(Attack):
     def max_queries(self, pool_size: int | None) -> int | None:
         return None  # its queries are made from the pool, not drawn from it
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if not (isinstance(self.alpha, int | float) and 0 < self.alpha < math.inf):
             raise InputError(f"alpha: expected a positive number, got {self.alpha!r}")
         if self.target not in _MIXUP_TARGETS:
@@ -305,7 +304,7 @@ class HardMixup(Attack):
 
     def run(self, ctx: AttackContext) -> nn.Module:
         assert ctx.pool is not None
-        k = ctx.oracle.num_classes
+        k = ctx.api.num_classes
         n_seeds, n_mixed = _split(ctx.budget, len(ctx.pool), float(self.seed_fraction), 1)
         x_seed = ctx.pool[random_subset(ctx, n_seeds)]
         y_seed = hard_targets(query_pool(ctx, x_seed))

@@ -82,7 +82,7 @@ from mextract.attacks.substitute import (
 )
 from mextract.data.transfer import kmeans
 from mextract.errors import InputError
-from mextract.oracle import Oracle, answers_to_probs
+from mextract.oracle import APIDescription, answers_to_probs
 from mextract.training import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class KnockoffNets(Attack):
     temperature: float = 1.0
     train: TrainConfig = SUBSTITUTE_TRAINING
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if self.policy not in POLICIES:
             raise InputError(f"policy: expected one of {', '.join(POLICIES)}, got {self.policy!r}")
         _positive_int("clusters", self.clusters)
@@ -194,7 +194,7 @@ class KnockoffNets(Attack):
         else:
             x, answers = self._adaptive(ctx)
         logger.info("knockoff %s: %d queries answered, final training", self.policy, len(x))
-        if ctx.oracle.mode.is_soft:
+        if ctx.api.mode.is_soft:
             targets = soft_targets(answers, ctx, self.temperature)
             return train_substitute(
                 ctx, x, targets, soft=True, temperature=self.temperature, config=self.train
@@ -209,7 +209,7 @@ class KnockoffNets(Attack):
         return labels
 
     def _loss(self, ctx: AttackContext, logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-        if ctx.oracle.mode.is_soft:
+        if ctx.api.mode.is_soft:
             return kd_loss(self.temperature)(logits, soft_targets(answers, ctx, self.temperature).to(logits))
         return F.cross_entropy(logits, hard_targets(answers).to(logits.device))
 
@@ -251,13 +251,13 @@ class KnockoffNets(Attack):
                 chosen.append(members[a].pop())
                 acts.append(a)
             x_b = pool[torch.tensor(chosen)]
-            answers = ctx.oracle.query(x_b)
+            answers = ctx.api.query(x_b)
             xs.append(x_b)
             answers_all.append(answers.detach().cpu())
             done += b
             ctx.emit(stage="query", done=done, total=total)
 
-            y = answers_to_probs(answers.detach().double().cpu(), ctx.oracle.mode)
+            y = answers_to_probs(answers.detach().double().cpu(), ctx.api.mode)
             sub.eval()
             with torch.no_grad():
                 log_q = F.log_softmax(sub(x_b.to(dev)).double(), 1).cpu()

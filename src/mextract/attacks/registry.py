@@ -17,7 +17,7 @@ from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
 from mextract.errors import InputError, MextractError, UnknownNameError
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription
 
 ATTACKS: dict[str, type[Attack]] = {
     KnockoffDistillation.name: KnockoffDistillation,
@@ -47,15 +47,15 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return parse_spec(spec, "attack")
 
 
-def check_attack_spec(spec: str, oracle: Oracle | None = None, budget: int = 1) -> Attack:
+def check_attack_spec(spec: str, api: APIDescription | None = None, budget: int = 1) -> Attack:
     """Parse and build an attack spec (``"kd"``, ``'hard_augment:{"flip": false}'``) and, given
-    an oracle (e.g. :func:`~mextract.oracle.stand_in_oracle`), check its parameters against
-    it, so that a bad name, option or value fails before any work; returns the attack."""
+    the API's description, check its parameters against it, so that a bad name, option or
+    value fails before any work; returns the attack."""
     name, options = parse_attack_spec(spec)
     try:
         attack = create_attack(name, **options)
-        if oracle is not None:
-            attack.check_params(oracle, None, budget)
+        if api is not None:
+            attack.check_params(api, None, budget)
         return attack
     except UnknownNameError:
         raise

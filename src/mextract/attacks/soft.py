@@ -20,7 +20,7 @@ from mextract.attacks.baselines import KnockoffDistillation
 from mextract.attacks.substitute import query_pool, random_subset, soft_targets, train_substitute
 from mextract.data.augment import random_erasing
 from mextract.errors import InputError
-from mextract.oracle import Oracle
+from mextract.oracle import APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +55,16 @@ class ErasingDistillation(KnockoffDistillation):
     erase_p: float = 0.5
     erase_scale: tuple[float, float] = (0.02, 0.33)
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
-        super().check_params(oracle, pool, budget)
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        super().check_params(api, pool, budget)
         if not 0.0 <= self.erase_p <= 1.0:
             raise InputError(f"erase_p: expected a probability in [0, 1], got {self.erase_p}")
         lo, hi = self.erase_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise InputError(f"erase_scale: expected 0 < low <= high <= 1, got {self.erase_scale}")
-        if len(oracle.input_shape) != 3:
+        if len(api.input_shape) != 3:
             raise InputError(
-                f"attack {self.name!r}: expected image inputs shaped (C, H, W), got {oracle.input_shape}"
+                f"attack {self.name!r}: expected image inputs shaped (C, H, W), got {api.input_shape}"
             )
 
     def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ from mextract.attacks.base import Attack, AttackContext
 from mextract.attacks.baselines import SUBSTITUTE_TRAINING
 from mextract.attacks.substitute import kd_loss, query_pool, random_subset, soft_targets, train_substitute
 from mextract.errors import InputError
-from mextract.oracle import AnswerMode, Oracle, answers_to_probs
+from mextract.oracle import AnswerMode, APIDescription, answers_to_probs
 from mextract.training import BatchLoss, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class SPSG(Attack):
     def max_queries(self, pool_size: int | None) -> int | None:
         return None  # its queries are made from the pool, not drawn from it
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if isinstance(self.n_segments, bool) or not isinstance(self.n_segments, int) or self.n_segments < 1:
             raise InputError(f"n_segments: expected a positive integer, got {self.n_segments!r}")
         if not self.epsilon > 0:
@@ -142,14 +142,14 @@ class SPSG(Attack):
             raise InputError(f"compactness: expected a positive number or None, got {self.compactness}")
         if not self.temperature > 0:
             raise InputError(f"temperature: expected a positive number, got {self.temperature}")
-        if oracle.mode is AnswerMode.LABEL:
+        if api.mode is AnswerMode.LABEL:
             raise InputError(
                 "answer mode: expected soft answers (probs, logits, rounded or topk) for SPSG's "
                 "finite-difference gradients, got 'label' (one-hot labels have zero differences)"
             )
-        if len(oracle.input_shape) != 3:
+        if len(api.input_shape) != 3:
             raise InputError(
-                f"attack {self.name!r}: expected image inputs shaped (C, H, W), got {oracle.input_shape}"
+                f"attack {self.name!r}: expected image inputs shaped (C, H, W), got {api.input_shape}"
             )
 
     # ------------------------------------------------------------------ querying
@@ -163,7 +163,7 @@ class SPSG(Attack):
         per_segment = 1 if self.difference == "forward" else 2
         compactness = self.compactness
         if compactness is None:
-            compactness = 0.1 if ctx.oracle.input_shape[0] == 1 else 10.0
+            compactness = 0.1 if ctx.api.input_shape[0] == 1 else 10.0
         chunk = max(16, 2 * (ctx.budget // (1 + per_segment * self.n_segments) + 1))
         labels, counts, spent = [], [], 0
         for start in range(0, len(order), chunk):
@@ -187,8 +187,11 @@ class SPSG(Attack):
         seg = torch.arange(len(img)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
         step = self.epsilon * (labels[img] == seg.view(-1, 1, 1)).unsqueeze(1).to(x.dtype)
         probes = [x, x[img] + step] + ([x[img] - step] if self.difference == "central" else [])
+        bounds = ctx.api.value_range  # a probe stays in the API's declared range (pixels at a bound
+        if bounds.low is not None or bounds.high is not None:  # move less: a slight underestimate)
+            probes = [p.clamp(bounds.low, bounds.high) for p in probes]
         answers = query_pool(ctx, torch.cat(probes))
-        probs = answers_to_probs(answers.double(), ctx.oracle.mode)
+        probs = answers_to_probs(answers.double(), ctx.api.mode)
         clean, plus = probs[:n], probs[n : n + len(img)]
         if self.difference == "central":
             diff = (plus - probs[n + len(img) :]) / (2 * self.epsilon)
@@ -240,7 +243,7 @@ class SPSG(Attack):
         order = random_subset(ctx, len(ctx.pool))
         labels, counts, cost = self._plan(ctx, order)
         n = len(counts)
-        k = ctx.oracle.num_classes
+        k = ctx.api.num_classes
         s = int(counts.max()) if n else 1
         logger.info("spsg: probing %d images (%d superpixels on average) for %d queries",
                     n, float(counts.float().mean()) if n else 0.0, cost)  # fmt: skip

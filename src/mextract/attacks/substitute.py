@@ -27,9 +27,9 @@ def query_pool(ctx: AttackContext, x: torch.Tensor) -> torch.Tensor:
     """Ask the oracle about ``x`` in chunks (reporting progress); returns the raw answers."""
     out = []
     for i in range(0, len(x), QUERY_CHUNK):
-        out.append(ctx.oracle.query(x[i : i + QUERY_CHUNK]))
+        out.append(ctx.api.query(x[i : i + QUERY_CHUNK]))
         ctx.emit(stage="query", done=min(i + QUERY_CHUNK, len(x)), total=len(x))
-    return torch.cat(out) if out else torch.empty(0, ctx.oracle.num_classes)
+    return torch.cat(out) if out else torch.empty(0, ctx.api.num_classes)
 
 
 def random_subset(ctx: AttackContext, n: int) -> torch.Tensor:
@@ -41,7 +41,7 @@ def random_subset(ctx: AttackContext, n: int) -> torch.Tensor:
 
 def soft_targets(answers: torch.Tensor, ctx: AttackContext, temperature: float) -> torch.Tensor:
     """The victim's distribution at temperature ``T`` from any soft answer mode."""
-    p = answers_to_probs(answers.double(), ctx.oracle.mode)
+    p = answers_to_probs(answers.double(), ctx.api.mode)
     if temperature != 1.0:
         p = p.clamp_min(0) ** (1.0 / temperature)
         p = p / p.sum(1, keepdim=True)
@@ -95,9 +95,9 @@ def train_substitute(
     every = max(1, config.epochs // 10)
 
     def on_epoch(epoch: int, m: nn.Module) -> None:
-        point = ctx.evaluate(m, epoch) if epoch % every == 0 or epoch == config.epochs else None
-        scores = {} if point is None else {"fidelity": point.fidelity, "test_accuracy": point.test_accuracy}
-        ctx.emit(stage="train", done=epoch, total=config.epochs, **scores)
+        ctx.emit(stage="train", done=epoch, total=config.epochs)
+        if epoch % every == 0 or epoch == config.epochs:
+            ctx.report(m, epoch)
 
     seed = int(torch.randint(2**31 - 1, (1,), generator=ctx.generator))
     return fit(

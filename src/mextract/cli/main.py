@@ -283,10 +283,11 @@ def attack(
     import torch
 
     from mextract.attacks import ATTACKS, create_attack
+    from mextract.data import ValueRange
     from mextract.data.transfer import check_pool
     from mextract.errors import UnknownNameError
     from mextract.models import read_meta
-    from mextract.oracle import AnswerMode, stand_in_oracle
+    from mextract.oracle import AnswerMode, APIDescription
 
     meta = _check(ctx, "victim", read_meta, victim)
     if attack not in ATTACKS:
@@ -309,8 +310,9 @@ def attack(
                                  ctx=ctx, param_hint="'--k'")  # fmt: skip
     _check_model(ctx, "--substitute", substitute, meta["input_shape"], meta["num_classes"])
     dtype = torch.float64 if precision is Precision.float64 else torch.float32
-    api = stand_in_oracle(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
-                          dtype=dtype)  # fmt: skip
+    api = APIDescription(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
+                         value_range=ValueRange.from_json(meta["value_range"], meta["input_shape"]),
+                         dtype=dtype)  # fmt: skip
     _check(ctx, "--option" if options else "--mode", atk.check_params, api, None, budget)
     if pool_data is not None and pool_dataset is not None:
         raise typer.BadParameter("give --pool-data or --pool-dataset, not both", ctx=ctx,
@@ -403,7 +405,7 @@ def matrix(
         run_matrix,
     )
     from mextract.models import default_model_for
-    from mextract.oracle import stand_in_oracle
+    from mextract.oracle import APIDescription
 
     if stage3 and full:
         raise typer.BadParameter("give --stage3 or --full, not both", ctx=ctx, param_hint="'--stage3'")
@@ -425,7 +427,7 @@ def matrix(
     for spec in defence:
         _check(ctx, "--defence", check_defence_spec, spec, info.input_shape, info.num_classes, arch, seed)
     _check_budget(ctx, budget)
-    plain = stand_in_oracle(info.input_shape, info.num_classes, architecture=arch)  # the undefended API
+    plain = APIDescription(info.input_shape, info.num_classes, value_range=info.value_range)  # undefended
     for spec in attack:
         _check(ctx, "--attack", check_attack_spec, spec, plain, budget)
     if trigger is not None and not 0 <= trigger < info.num_classes:

@@ -27,6 +27,7 @@ class ProgressBars:
         )  # fmt: skip
         self.prefix = ""
         self.tasks: dict[str, Any] = {}
+        self.last: Any = None  # the task a "score" event (a history point) belongs to
 
     def __enter__(self) -> ProgressBars:
         self.progress.start()
@@ -40,14 +41,16 @@ class ProgressBars:
         if stage == "attack":
             self.prefix, self.tasks = f"{event.get('name', '')}: ", {}
             return
+        if stage == "score":  # the runner scored a snapshot of the substitute
+            if self.last is not None and "fidelity" in event:
+                self.progress.update(self.last, info=f"fidelity {100 * event['fidelity']:.1f}%")
+            return
         if "total" not in event:
             return
         if stage not in self.tasks:
             desc = self.prefix + STAGE_NAMES.get(stage, stage)
             self.tasks[stage] = self.progress.add_task(desc, total=event["total"], info="")
-        info = ""
-        if "fidelity" in event:
-            info = f"fidelity {100 * event['fidelity']:.1f}%"
+        self.last = self.tasks[stage]
+        self.progress.update(self.last, completed=event["done"], total=event["total"])
         if event.get("resumed"):
-            info = "reused from the run folder"
-        self.progress.update(self.tasks[stage], completed=event["done"], total=event["total"], info=info)
+            self.progress.update(self.last, info="reused from the run folder")

@@ -1,6 +1,6 @@
 """Datasets, attacker pools and seeded splits."""
 
-from mextract.data.base import IMAGE_RANGE, UNBOUNDED, Dataset, Splits, ValueRange
+from mextract.data.base import IMAGE_RANGE, UNBOUNDED, Dataset, Splits, ValueRange, check_disjoint
 from mextract.data.registry import DATASETS, DatasetInfo, dataset_info, load_file, load_splits
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "DatasetInfo",
     "Splits",
     "ValueRange",
+    "check_disjoint",
     "dataset_info",
     "load_file",
     "load_splits",

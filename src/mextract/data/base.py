@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,3 +157,34 @@ class Splits:
             "input_shape": list(self.test.input_shape),
             "num_classes": self.test.num_classes,
         }
+
+
+def sample_keys(x: torch.Tensor, value_range: ValueRange) -> list[bytes]:
+    """One content key per sample, to compare data sets by content rather than by name.
+
+    Values are quantised before hashing, so that the same sample read through different
+    paths (a uint8 image divided by 255 in float64 or in float32, say) gets the same key:
+    values in [0, 1] (images) to 8-bit levels, others (standardised features) to 4 decimals.
+    """
+    if value_range.low == 0.0 and value_range.high == 1.0:
+        q = torch.round(x.double() * 255).to(torch.int16)
+    else:
+        q = torch.round(x.double() * 1e4).to(torch.int64)
+    rows = q.flatten(1).contiguous().numpy()
+    return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+
+
+def check_disjoint(pool: Dataset, known: dict[str, Dataset]) -> None:
+    """Refuse an attacker pool that shares samples, by content, with any data set in ``known``
+    (the victim's training data, the test set): querying them would steal with the owner's
+    own data, and score the thief on what it trained on."""
+    keys = set(sample_keys(pool.x, pool.declared_range))
+    for what, data in known.items():
+        if data.input_shape != pool.input_shape:
+            continue
+        shared = sum(k in keys for k in set(sample_keys(data.x, data.declared_range)))
+        if shared:
+            raise DataError(
+                f"{pool.name}: the attacker pool shares {shared} sample(s) with {what} (compared by "
+                "content); an attacker's pool must not hold the victim's training data or the test set"
+            )

@@ -25,7 +25,7 @@ import torch
 from mextract.attacks import create_attack
 from mextract.attacks.base import Callback, check_budget
 from mextract.attacks.registry import check_attack_spec, parse_attack_spec
-from mextract.data import dataset_info, load_splits
+from mextract.data import ValueRange, dataset_info, load_splits
 from mextract.defences.adversarial import PGDConfig
 from mextract.defences.cosine import CosineWatermark
 from mextract.defences.detection import Prada
@@ -36,7 +36,7 @@ from mextract.experiments.records import Record, same_config
 from mextract.experiments.runner import VICTIM_DIR, train_victim_run
 from mextract.metrics import Evaluator
 from mextract.models import default_model_for, load_checkpoint
-from mextract.oracle import Oracle, OracleWrapper, VictimOracle, stand_in_oracle
+from mextract.oracle import APIDescription, Oracle, OracleWrapper, VictimOracle
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def _chain(victim: torch.nn.Module, meta: dict[str, Any], spec: str, owner: Owne
         num_classes=meta["num_classes"],
         mode="probs" if spec == "none" else "logits",
         device=owner.device,
+        value_range=ValueRange.from_json(meta.get("value_range"), meta["input_shape"]),
     )
     return build_defence(spec, base, owner)
 
@@ -125,7 +126,7 @@ def run_matrix(
     arch = default_model_for(info.input_shape)
     for spec in defences:
         check_defence_spec(spec, info.input_shape, info.num_classes, arch, seed)
-    plain = stand_in_oracle(info.input_shape, info.num_classes, architecture=arch)  # the undefended API
+    plain = APIDescription(info.input_shape, info.num_classes, value_range=info.value_range)  # undefended
     planned = [check_attack_spec(spec, plain, budget) for spec in attacks]
     if trigger_target is not None and not 0 <= trigger_target < info.num_classes:
         raise InputError(

@@ -18,7 +18,7 @@ import torch
 from mextract._utils import resolve_device, seeded
 from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
-from mextract.data import Dataset, ValueRange, dataset_info, load_file, load_splits
+from mextract.data import Dataset, ValueRange, check_disjoint, dataset_info, load_file, load_splits
 from mextract.defences.adversarial import PGDConfig, adversarial_training
 from mextract.errors import DataError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
@@ -221,10 +221,12 @@ def attack_run(
     atk = create_attack(attack, **options)
     split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
     dataset = meta.get("dataset")
+    like = _template(meta)
+    victim_file = meta.get("split", {}).get("files", {}).get("victim_data")
+    known: dict[str, Dataset] = {}  # what the lab knows of the owner's data, to keep the pool clean
     if dataset is None:
         if (pool_data is None and pool is None) or test_data is None:
             raise DataError("this victim was trained on files: give its attacker pool and test_data")
-        like = _template(meta)
         test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
         if pool is None:
             assert pool_data is not None
@@ -234,9 +236,19 @@ def attack_run(
                              pool_data=pool_data, test_data=test_data, scale=scale)  # fmt: skip
         test = splits.test
         pool = splits.pool if pool is None else pool
+        if victim_file is None:
+            known["the victim's training data"] = splits.victim_train
+    if victim_file is not None and Path(victim_file).exists():  # the owner's own file
+        known["the victim's training data"] = load_file(
+            victim_file, like=like, require_labels=False, name="victim_train", meta=meta.get("split")
+        )
+    known["the test set"] = test
+    if pool_data is not None or pool_dataset is not None:  # the lab's own split is disjoint by construction
+        check_disjoint(pool, known)
+    declared = ValueRange.from_json(meta.get("value_range"), meta["input_shape"])
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
                           mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
-                          device=device)  # fmt: skip
+                          device=device, value_range=declared)  # fmt: skip
     evaluator = Evaluator.from_victim(net, test, device=device)
     result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
                  evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip

@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from mextract._utils import as_tensor, check_shape
+from mextract.data.base import ValueRange
 from mextract.oracle.ledger import Ledger
 from mextract.oracle.modes import AnswerMode
 
@@ -24,6 +25,11 @@ class Oracle(ABC):
     num_classes: int
     mode: AnswerMode
     dtype: torch.dtype
+    #: the answer mode's public parameters (classes revealed by ``topk``, digits kept by ``rounded``)
+    k: int | None = None
+    decimals: int | None = None
+    #: the declared range of input values; a query outside it is refused (``None``: unchecked)
+    value_range: ValueRange | None = None
 
     @property
     @abstractmethod
@@ -31,9 +37,12 @@ class Oracle(ABC):
         """The ledger that counts this oracle's answered samples."""
 
     def query(self, x: object) -> torch.Tensor:
-        """Answer a batch of inputs; raises on bad input or an exhausted budget."""
+        """Answer a batch of inputs; raises on bad input (shape, NaN, values outside the declared
+        range) or an exhausted budget."""
         t = as_tensor(x, name="query", dtype=self.dtype)
         check_shape(t, self.input_shape, name="query")
+        if self.value_range is not None:
+            self.value_range.check(t, "query")
         if t.shape[0] == 0:
             return torch.empty(0, self.num_classes, dtype=self.dtype)
         return self._answer(t)
@@ -57,6 +66,7 @@ class OracleWrapper(Oracle):
         self.input_shape = inner.input_shape
         self.num_classes = inner.num_classes
         self.dtype = inner.dtype
+        self.value_range = inner.value_range
         self.mode = inner.mode if mode is None else AnswerMode.parse(mode)
 
     @property

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mextract._utils import resolve_device
+from mextract.data.base import ValueRange
 from mextract.errors import InputError
 from mextract.oracle.base import Oracle
 from mextract.oracle.ledger import Ledger
@@ -87,6 +88,8 @@ class VictimOracle(Oracle):
         dtype: the precision of queries and answers; ``torch.float64`` for exact logits.
         device: where a PyTorch victim runs (``None``: CUDA when present).
         batch_size: the victim is called on chunks of at most this many samples.
+        value_range: the declared range of input values (e.g. the checkpoint's); a query
+            outside it is refused, never answered. ``None``: any finite value.
 
     Example:
         >>> oracle = VictimOracle(model, input_shape=(1, 28, 28), num_classes=10,
@@ -108,8 +111,10 @@ class VictimOracle(Oracle):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device | None = None,
         batch_size: int = 1024,
+        value_range: ValueRange | None = None,
     ) -> None:
         self.mode = AnswerMode.parse(mode)
+        self.value_range = value_range
         if self.mode is AnswerMode.TOPK and (not isinstance(k, int) or k < 1):
             raise InputError(f"answer mode 'topk' needs an integer k >= 1, got {k!r}")
         if self.mode is AnswerMode.ROUNDED and (not isinstance(decimals, int) or decimals < 0):
@@ -170,23 +175,3 @@ class VictimOracle(Oracle):
             )
         return out.detach().to(device="cpu", dtype=self.dtype)
 
-
-def stand_in_oracle(
-    input_shape: Sequence[int],
-    num_classes: int,
-    *,
-    mode: AnswerMode | str = AnswerMode.PROBS,
-    k: int | None = None,
-    decimals: int | None = None,
-    architecture: str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> VictimOracle:
-    """An API with the given public description over an *untrained* zoo model, to check an
-    attack's parameters against it (:meth:`~mextract.attacks.Attack.check_params`) before the
-    real victim is trained or loaded. Its answers mean nothing; nothing should query it."""
-    from mextract.models import create_model, default_model_for
-
-    shape = tuple(int(s) for s in input_shape)
-    net = create_model(architecture or default_model_for(shape), shape, num_classes)
-    return VictimOracle(net, input_shape=shape, num_classes=num_classes, mode=mode, k=k, decimals=decimals,
-                        dtype=dtype, device="cpu")  # fmt: skip

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mextract.errors import MextractError
-from mextract.oracle import AnswerMode, Oracle
+from mextract.oracle import AnswerMode, Client
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class FlatOracle:
     Every sample still goes through :meth:`Oracle.query`, so the ledger counts it.
     """
 
-    def __init__(self, oracle: Oracle, *, allow_probs: bool = True) -> None:
+    def __init__(self, oracle: Client, *, allow_probs: bool = True) -> None:
         mode = oracle.mode
         ok = {AnswerMode.LOGITS} | ({AnswerMode.PROBS} if allow_probs else set())
         if mode not in ok:

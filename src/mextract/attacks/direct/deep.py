@@ -73,7 +73,7 @@ from mextract.attacks.direct.relu import (
     _solve_flips,
 )
 from mextract.errors import InputError
-from mextract.oracle import AnswerMode, Oracle
+from mextract.oracle import AnswerMode, APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +207,11 @@ class ReLU2Cryptanalysis(Attack):
     verify_queries: int = 64
     verify_tol: float = 1e-7
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
-        if oracle.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        if api.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
             raise AnswerModeError(
                 "oracle answer mode: expected 'logits' (or 'probs', converted to logit differences) "
-                f"for exact ReLU extraction, got {oracle.mode.value!r}"
+                f"for exact ReLU extraction, got {api.mode.value!r}"
             )
         if not self.input_scale > 0 or not 0 < self.tol < 1e-2:
             raise InputError(
@@ -230,7 +230,7 @@ class ReLU2Cryptanalysis(Attack):
     # ================================================================== run
     def run(self, ctx: AttackContext) -> nn.Module:
         t_start = time.perf_counter()
-        f = FlatOracle(ctx.oracle)
+        f = FlatOracle(ctx.api)
         d = f.dim
         rng = np.random.default_rng(ctx.seed)
         sigma = float(self.input_scale)

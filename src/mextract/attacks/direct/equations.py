@@ -33,7 +33,7 @@ from torch import nn
 from mextract.attacks.base import Attack, AttackContext
 from mextract.attacks.direct.common import AnswerModeError, DirectExtractionError, FlatOracle
 from mextract.errors import InputError
-from mextract.oracle import AnswerMode, Oracle
+from mextract.oracle import AnswerMode, APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +76,13 @@ class EquationSolving(Attack):
     verify: int = 0
     input_scale: float = 1.0
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
-        if oracle.mode not in (*_EXACT_MODES, AnswerMode.ROUNDED):
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        if api.mode not in (*_EXACT_MODES, AnswerMode.ROUNDED):
             raise AnswerModeError(
                 "oracle answer mode: expected 'logits', 'probs' or 'rounded' for equation "
-                f"solving, got {oracle.mode.value!r}"
+                f"solving, got {api.mode.value!r}"
             )
-        d = int(np.prod(oracle.input_shape))
+        d = int(np.prod(api.input_shape))
         need = d + 1 + self.verify
         if budget < need:
             raise InputError(
@@ -101,7 +101,7 @@ class EquationSolving(Attack):
         return "logreg", {}
 
     def run(self, ctx: AttackContext) -> nn.Module:
-        oracle = ctx.oracle
+        oracle = ctx.api
         rng = np.random.default_rng(ctx.seed)
         rounded = oracle.mode is AnswerMode.ROUNDED
         shape = tuple(oracle.input_shape)
@@ -152,13 +152,10 @@ class EquationSolving(Attack):
     def _least_squares_rounded(
         self, ctx: AttackContext, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        oracle = ctx.oracle
-        decimals = getattr(oracle, "decimals", None)
+        oracle = ctx.api
+        decimals = oracle.description.decimals  # a public parameter of the answer mode
         if decimals is None:
-            inner = getattr(oracle, "inner", None)
-            decimals = getattr(inner, "decimals", None)
-        if decimals is None:
-            raise InputError("rounded answers: expected the oracle to expose its `decimals`")
+            raise InputError("rounded answers: expected the API to describe its `decimals`")
         delta = 10.0 ** (-int(decimals))
         shape = tuple(oracle.input_shape)
         d = int(np.prod(shape))

@@ -69,7 +69,7 @@ from mextract.attacks.direct.common import (
     NotPiecewiseLinearError,
 )
 from mextract.errors import InputError
-from mextract.oracle import AnswerMode, Oracle
+from mextract.oracle import AnswerMode, APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +151,14 @@ class ReLUCryptanalysis(Attack):
     min_width: float = 1e-9
     search_range: int | None = None
 
-    def check_params(self, oracle: Oracle, pool: torch.Tensor | None, budget: int) -> None:
-        if oracle.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
+    def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        if api.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
             raise AnswerModeError(
                 "oracle answer mode: expected 'logits' (or 'probs', converted to logit "
-                f"differences) for exact ReLU extraction, got {oracle.mode.value!r}; rounded, "
+                f"differences) for exact ReLU extraction, got {api.mode.value!r}; rounded, "
                 "top-k and label answers make exact recovery impossible"
             )
-        d = int(np.prod(oracle.input_shape))
+        d = int(np.prod(api.input_shape))
         need = 2 * (d + 1) + self.verify_queries
         if budget < need:
             raise InputError(
@@ -178,7 +178,7 @@ class ReLUCryptanalysis(Attack):
 
     def run(self, ctx: AttackContext) -> nn.Module:
         t_start = time.perf_counter()
-        f = FlatOracle(ctx.oracle)
+        f = FlatOracle(ctx.api)
         d, k = f.dim, f.num_classes
         rng = np.random.default_rng(ctx.seed)
         sigma = float(self.input_scale)
