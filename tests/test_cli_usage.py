@@ -256,5 +256,5 @@ def test_a_budget_above_the_pool_warns_and_the_record_keeps_both(tmp_path: Path)
     assert "warning: budget 5,000 is more than attack 'kd' can spend from a pool of 60 samples" in err
     metrics = json.loads(rec.read_text())["metrics"]
     assert metrics["budget"] == 5000 and metrics["queries"] == 60
-    assert "torch threads 1 of" in proc.stdout and "(--threads)" in proc.stdout
+    assert "torch threads 1 of" in proc.stdout and "(--threads)" in proc.stdout  # as asked
     assert re.search(r"kd\s*│\s*probs\s*│\s*5,000\s*│\s*60\s*│", proc.stdout)  # budget beside queries

@@ -71,7 +71,7 @@ def run(
     budget: int = typer.Option(1_000_000, min=1, help="query budget"),
     seed: int = typer.Option(0, help="seed of the victim and the attack"),
     threads: int | None = typer.Option(
-        None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else half the cores)."
+        None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else one per core)."
     ),
 ) -> None:
     """Extract a one-hidden-layer ReLU victim from float64 logits and report the error."""

@@ -60,7 +60,7 @@ Seed = Annotated[int, typer.Option(help="Seed for every random choice of the run
 Device = Annotated[str, typer.Option(help="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")]
 Threads = Annotated[
     int | None,
-    typer.Option(min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else half the cores)."),
+    typer.Option(min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else one per core)."),
 ]
 Fresh = Annotated[bool, typer.Option("--fresh", help="Recompute instead of reusing records.")]
 PgdEps = Annotated[

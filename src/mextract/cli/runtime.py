@@ -1,13 +1,14 @@
 """Process settings that the command line owns: the device and torch's CPU threads.
 
-The default thread count comes from ``benchmarks/threads.py`` (README, "Threads"). On a
-2-core machine, the demo's KD step with torch's own default (two threads, OpenMP spinning
-while it waits) took 26–31 s alone and 120–230 s beside a busy process; with passive waits
-(which :mod:`mextract.cli` sets) 32–34 s and 67–68 s; with one thread 47–50 s and 42–65 s,
-the setting that degraded least. The default is therefore half the cores, leaving the rest
-to whatever else runs (a second run, a test suite): one thread on 2 cores, as measured; on
-larger machines the same reasoning, not a measurement. ``--threads N`` or
-``$OMP_NUM_THREADS`` choose otherwise.
+The defaults come from ``benchmarks/threads.py`` (README, "Threads"). On a 2-core
+machine, the demo's KD step with torch's own default (two threads, OpenMP spinning while it
+waits) took 26–31 s alone and 120–230 s beside a busy process: the collapse users saw.
+With passive waits (which :mod:`mextract.cli` sets) it took 32–34 s and 67–68 s; with one
+thread 47–50 s and 42–65 s. Passive waits remove the collapse; what remains of the worst
+case is one thread's within the run-to-run noise (up to 30% on that machine), and alone
+two threads are a third faster. So the default is torch's own thread count (one per core)
+with passive waits; ``--threads N`` or ``$OMP_NUM_THREADS`` choose otherwise (one thread
+degraded least beside busy loops).
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ import os
 
 
 def default_threads() -> int:
-    """Torch CPU threads when neither ``--threads`` nor ``$OMP_NUM_THREADS`` says otherwise."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """Torch CPU threads when neither ``--threads`` nor ``$OMP_NUM_THREADS`` says otherwise:
+    torch's own choice (one per core), as it was before the command line changed it."""
+    return _DEFAULT
+
+
+def _torch_default() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+#: torch's thread count before the command line changes it (its own default: one per core)
+_DEFAULT = _torch_default()
 
 
 def _env_threads() -> int | None:
