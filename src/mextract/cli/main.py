@@ -113,10 +113,6 @@ def _runtime(ctx: typer.Context, device: str, threads: int | None) -> None:
     console.print(_check(ctx, "--threads", configure_runtime, device, threads), style="dim", markup=False)
 
 
-def _raise(exc: Exception) -> None:
-    raise exc
-
-
 def _check_out(ctx: typer.Context, name: str, path: Path | None) -> None:
     if path is not None and path.exists() and not path.is_dir():
         raise typer.BadParameter(f"{path} is a file; expected a run folder", ctx=ctx, param_hint=f"'{name}'")
@@ -291,7 +287,8 @@ def attack(
 
     meta = _check(ctx, "victim", read_meta, victim)
     if attack not in ATTACKS:
-        _check(ctx, "--attack", _raise, UnknownNameError("attack", attack, list(ATTACKS)))
+        raise typer.BadParameter(str(UnknownNameError("attack", attack, list(ATTACKS))), ctx=ctx,
+                                 param_hint="'--attack'")  # fmt: skip
     options = _check(ctx, "--option", _parse_options, option or [])
     atk = _check(ctx, "--option", create_attack, attack, **dict(options))
     _check_budget(ctx, budget)

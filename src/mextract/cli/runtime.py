@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from mextract._utils import resolve_device
+from mextract.errors import InputError
+
+#: torch's thread count before the command line changes it (its own default: one per core)
+_DEFAULT = torch.get_num_threads()
+
 
 def default_threads() -> int:
     """Torch CPU threads when neither ``--threads`` nor ``$OMP_NUM_THREADS`` says otherwise:
     torch's own choice (one per core), as it was before the command line changed it."""
     return _DEFAULT
-
-
-def _torch_default() -> int:
-    import torch
-
-    return int(torch.get_num_threads())
-
-
-#: torch's thread count before the command line changes it (its own default: one per core)
-_DEFAULT = _torch_default()
 
 
 def _env_threads() -> int | None:
@@ -39,12 +37,8 @@ def _env_threads() -> int | None:
     try:
         n = int(raw.split(",")[0])  # OpenMP allows a list per nesting level; the first is ours
     except ValueError:
-        from mextract.errors import InputError
-
         raise InputError(f"$OMP_NUM_THREADS: expected a positive integer, got {raw!r}") from None
     if n < 1:
-        from mextract.errors import InputError
-
         raise InputError(f"$OMP_NUM_THREADS: expected a positive integer, got {raw!r}")
     return n
 
@@ -55,10 +49,6 @@ def configure_runtime(device: str, threads: int | None) -> str:
     ``threads``: an explicit count (``--threads``), else ``$OMP_NUM_THREADS``, else
     :func:`default_threads`.
     """
-    import torch
-
-    from mextract._utils import resolve_device
-
     dev = resolve_device(device)
     source = "--threads"
     if threads is None:

@@ -245,10 +245,9 @@ def attack_run(
     known["the test set"] = test
     if pool_data is not None or pool_dataset is not None:  # the lab's own split is disjoint by construction
         check_disjoint(pool, known)
-    declared = ValueRange.from_json(meta.get("value_range"), meta["input_shape"])
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
                           mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
-                          device=device, value_range=declared)  # fmt: skip
+                          device=device, value_range=like.declared_range)  # fmt: skip
     evaluator = Evaluator.from_victim(net, test, device=device)
     result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
                  evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
