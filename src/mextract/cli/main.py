@@ -250,10 +250,29 @@ def train_victim(
 @app.command()
 def attack(
     ctx: typer.Context,
-    victim: Annotated[Path, typer.Argument(help="A victim checkpoint folder (from train-victim).")],
+    victim: Annotated[
+        Path | None, typer.Argument(help="A victim checkpoint folder (from train-victim); or give --url.")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Attack a prediction API instead: http://HOST:PORT/v2/models/NAME (Open Inference "
+                     "Protocol: mextract serve, Triton, KServe, MLServer)."),
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option(help="With --url: the X-Client-Id to send (default: mextract-attacker).")
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="With --url: pool and test set from the lab's split of this dataset."),
+    ] = None,
+    split_seed: Annotated[int, typer.Option(help="With --dataset: the split's seed.")] = 0,
     attack: Annotated[str, typer.Option("--attack", "-a", help="Attack name (see `mextract list`).")] = "kd",
     budget: Annotated[int, typer.Option(help="Most queries the attack may spend.")] = 1000,
-    mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
+    mode: Annotated[
+        str | None,
+        typer.Option(help="Answer mode: logits, probs (default), topk, rounded, label. With --url: what the "
+                     "API answers, if it does not say."),
+    ] = None,
     k: Annotated[int | None, typer.Option(min=1, help="Classes revealed in mode topk.")] = None,
     decimals: Annotated[int | None, typer.Option(min=0, help="Decimals kept in mode rounded.")] = None,
     precision: Annotated[
@@ -275,51 +294,63 @@ def attack(
     threads: Threads = None,
     fresh: Fresh = False,
 ) -> None:
-    """Steal a saved victim through its oracle and report accuracy, fidelity and queries."""
-    import torch
-
+    """Steal a saved victim, or a prediction API at --url, and report accuracy, fidelity and queries."""
     from mextract.attacks import ATTACKS, create_attack
-    from mextract.data import ValueRange
-    from mextract.data.transfer import check_pool
     from mextract.errors import UnknownNameError
-    from mextract.models import read_meta
-    from mextract.oracle import AnswerMode, APIDescription
 
-    meta = _check(ctx, "victim", read_meta, victim)
+    if (victim is None) == (url is None):
+        raise typer.BadParameter("give a victim checkpoint folder or --url, exactly one", ctx=ctx,
+                                 param_hint="'victim'/'--url'")  # fmt: skip
     if attack not in ATTACKS:
         raise typer.BadParameter(str(UnknownNameError("attack", attack, list(ATTACKS))), ctx=ctx,
                                  param_hint="'--attack'")  # fmt: skip
     options = _check(ctx, "--option", _parse_options, option or [])
     atk = _check(ctx, "--option", create_attack, attack, **dict(options))
     _check_budget(ctx, budget)
-    answer_mode = _check(ctx, "--mode", AnswerMode.parse, mode)
-    if k is not None and answer_mode is not AnswerMode.TOPK:
-        raise typer.BadParameter(f"k is for --mode topk, not {mode!r}", ctx=ctx, param_hint="'--k'")
-    if answer_mode is AnswerMode.TOPK and k is None:
-        raise typer.BadParameter("--mode topk needs --k", ctx=ctx, param_hint="'--k'")
-    if decimals is not None and answer_mode is not AnswerMode.ROUNDED:
-        raise typer.BadParameter(f"decimals are for --mode rounded, not {mode!r}", ctx=ctx,
-                                 param_hint="'--decimals'")  # fmt: skip
-    if answer_mode is AnswerMode.ROUNDED and decimals is None:
-        raise typer.BadParameter("--mode rounded needs --decimals", ctx=ctx, param_hint="'--decimals'")
-    if k is not None and k >= meta["num_classes"]:
-        raise typer.BadParameter(f"expected fewer than the victim's {meta['num_classes']} classes, got {k}",
-                                 ctx=ctx, param_hint="'--k'")  # fmt: skip
-    _check_model(ctx, "--substitute", substitute, meta["input_shape"], meta["num_classes"])
-    dtype = torch.float64 if precision is Precision.float64 else torch.float32
-    api = APIDescription(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
-                         value_range=ValueRange.from_json(meta["value_range"], meta["input_shape"]),
-                         dtype=dtype)  # fmt: skip
+    if victim is not None:
+        for name, value in (("--client-id", client_id), ("--dataset", dataset)):
+            if value is not None:
+                raise typer.BadParameter("is for --url (a checkpoint brings its own data)", ctx=ctx,
+                                         param_hint=f"'{name}'")  # fmt: skip
+        api, has_data = _checkpoint_api(ctx, victim, mode, k, decimals, precision)
+    else:
+        assert url is not None
+        if precision is not Precision.float32:
+            raise typer.BadParameter("is the API's: it answers in its own precision", ctx=ctx,
+                                     param_hint="'--precision'")  # fmt: skip
+        from mextract.experiments.runner import DEFAULT_ATTACKER
+
+        client_id = client_id or DEFAULT_ATTACKER
+        api, left = _url_api(ctx, url, client_id, mode, k, decimals)
+        if left is not None and budget > left:
+            raise typer.BadParameter(f"{url} will answer client {client_id!r} "
+                                     f"{left:,} more queries, not {budget:,}", ctx=ctx,
+                                     param_hint="'--budget'")  # fmt: skip
+        has_data = dataset is not None
+        if dataset is not None:
+            from mextract.data import dataset_info
+
+            info = _check(ctx, "--dataset", dataset_info, dataset, data_root)
+            if tuple(info.input_shape) != api.input_shape:
+                raise typer.BadParameter(
+                    f"{dataset} has inputs of shape {info.input_shape}; the API takes {api.input_shape}",
+                    ctx=ctx, param_hint="'--dataset'",
+                )  # fmt: skip
+    _check_model(ctx, "--substitute", substitute, api.input_shape, api.num_classes)
     _check(ctx, "--option" if options else "--mode", atk.check_params, api, None, budget)
     if pool_data is not None and pool_dataset is not None:
         raise typer.BadParameter("give --pool-data or --pool-dataset, not both", ctx=ctx,
                                  param_hint="'--pool-dataset'")  # fmt: skip
     if pool_dataset is not None:
-        _check(ctx, "--pool-dataset", check_pool, pool_dataset, meta["input_shape"], data_root)
-    if meta.get("dataset") is None and ((pool_data is None and pool_dataset is None) or test_data is None):
+        from mextract.data.transfer import check_pool
+
+        _check(ctx, "--pool-dataset", check_pool, pool_dataset, api.input_shape, data_root)
+    if not has_data and ((pool_data is None and pool_dataset is None) or test_data is None):
+        where = "--dataset, or " if url is not None else ""
         raise typer.BadParameter(
-            "this victim was trained on files: give its attacker pool (--pool-data or --pool-dataset) "
-            "and --test-data", ctx=ctx, param_hint="'victim'",
+            f"{'this API' if url else 'this victim was trained on files'}: give {where}an attacker pool "
+            "(--pool-data or --pool-dataset) and --test-data", ctx=ctx,
+            param_hint="'--url'" if url else "'victim'",
         )  # fmt: skip
     _check_scale(ctx, scale)
     _check_out(ctx, "--out", out)
@@ -333,9 +364,13 @@ def attack(
     with ProgressBars(console) as bars:
         rec = attack_run(
             victim,
+            url=url,
+            client_id=client_id,
+            dataset=dataset,
+            split_seed=split_seed,
             attack=attack,
             budget=budget,
-            mode=mode,
+            mode=None if url is not None else (mode or "probs"),
             k=k,
             decimals=decimals,
             precision=precision.value,
@@ -352,10 +387,144 @@ def attack(
             callback=bars,
             resume=not fresh,
         )
-    _results_table([rec], f"{attack} against {victim}")
+    _results_table([rec], f"{attack} against {victim or url}")
     if record is not None:
         rec.save(record)
         console.print(f"record written to {record}", markup=False)
+
+
+def _answer_mode(ctx: typer.Context, mode: str, k: int | None, decimals: int | None) -> Any:
+    from mextract.oracle import AnswerMode
+
+    answer_mode = _check(ctx, "--mode", AnswerMode.parse, mode)
+    if k is not None and answer_mode is not AnswerMode.TOPK:
+        raise typer.BadParameter(f"k is for --mode topk, not {mode!r}", ctx=ctx, param_hint="'--k'")
+    if answer_mode is AnswerMode.TOPK and k is None:
+        raise typer.BadParameter("--mode topk needs --k", ctx=ctx, param_hint="'--k'")
+    if decimals is not None and answer_mode is not AnswerMode.ROUNDED:
+        raise typer.BadParameter(f"decimals are for --mode rounded, not {mode!r}", ctx=ctx,
+                                 param_hint="'--decimals'")  # fmt: skip
+    if answer_mode is AnswerMode.ROUNDED and decimals is None:
+        raise typer.BadParameter("--mode rounded needs --decimals", ctx=ctx, param_hint="'--decimals'")
+    return answer_mode
+
+
+def _checkpoint_api(
+    ctx: typer.Context,
+    victim: Path,
+    mode: str | None,
+    k: int | None,
+    decimals: int | None,
+    precision: Precision,
+) -> tuple[Any, bool]:
+    """The public description of the API a checkpoint would be served behind, and whether
+    the checkpoint brings its own data (a dataset name)."""
+    import torch
+
+    from mextract.data import ValueRange
+    from mextract.models import read_meta
+    from mextract.oracle import APIDescription
+
+    meta = _check(ctx, "victim", read_meta, victim)
+    answer_mode = _answer_mode(ctx, mode or "probs", k, decimals)
+    if k is not None and k >= meta["num_classes"]:
+        raise typer.BadParameter(f"expected fewer than the victim's {meta['num_classes']} classes, got {k}",
+                                 ctx=ctx, param_hint="'--k'")  # fmt: skip
+    dtype = torch.float64 if precision is Precision.float64 else torch.float32
+    api = APIDescription(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
+                         value_range=ValueRange.from_json(meta["value_range"], meta["input_shape"]),
+                         dtype=dtype)  # fmt: skip
+    return api, meta.get("dataset") is not None
+
+
+def _url_api(
+    ctx: typer.Context, url: str, client_id: str | None, mode: str | None, k: int | None, decimals: int | None
+) -> tuple[Any, int | None]:
+    """The API's public description, read from the endpoint (one metadata request), and how
+    many queries it will still answer this client (``None``: it does not say)."""
+    from mextract.oracle import RemoteOracle
+    from mextract.server import check_client_id
+
+    if client_id is not None:
+        _check(ctx, "--client-id", check_client_id, client_id)
+    if mode is not None:
+        _answer_mode(ctx, mode, k, decimals)
+    with _check(ctx, "--url", RemoteOracle, url, client_id=client_id, mode=mode, k=k, decimals=decimals,
+                retries=1) as remote:  # fmt: skip
+        return remote.description, remote.ledger.remaining
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    victim: Annotated[Path, typer.Argument(help="A victim checkpoint folder (from train-victim).")],
+    defence: Annotated[
+        str, typer.Option("--defence", "-d", help="Defence spec, e.g. 'dawn+label_only' (`mextract list`).")
+    ] = "none",
+    mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
+    k: Annotated[int | None, typer.Option(min=1, help="Classes revealed in mode topk.")] = None,
+    decimals: Annotated[int | None, typer.Option(min=0, help="Decimals kept in mode rounded.")] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="Answer precision: float32, or float64 (exact logits).")
+    ] = Precision.float32,
+    budget: Annotated[
+        int | None, typer.Option(help="Queries each client id may have answered (default: no limit).")
+    ] = None,
+    detect: Annotated[bool, typer.Option("--detect", help="Watch every client with PRADA.")] = False,
+    block: Annotated[bool, typer.Option("--block", help="With --detect: refuse flagged clients.")] = False,
+    name: Annotated[str, typer.Option(help="The model's name in the API's paths.")] = "victim",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MiB.")] = 64.0,
+    data_root: DataRoot = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    threads: Threads = None,
+) -> None:
+    """Serve a victim as a prediction API (Open Inference Protocol REST: Triton's, KServe's)."""
+    import socket
+
+    from mextract.defences.registry import check_defence_spec
+    from mextract.models import read_meta
+
+    meta = _check(ctx, "victim", read_meta, victim)
+    _answer_mode(ctx, mode, k, decimals)
+    _check(ctx, "--defence", check_defence_spec, defence, tuple(meta["input_shape"]), meta["num_classes"],
+           meta["architecture"], seed)  # fmt: skip
+    if budget is not None:
+        _check_budget(ctx, budget)
+    if block and not detect:
+        raise typer.BadParameter("needs --detect", ctx=ctx, param_hint="'--block'")
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise typer.BadParameter(f"expected letters, digits, '-', '_' or '.', got {name!r}", ctx=ctx,
+                                 param_hint="'--name'")  # fmt: skip
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port} ({exc.strerror or exc})", ctx=ctx,
+                                 param_hint="'--host'/'--port'") from None  # fmt: skip
+    _runtime(ctx, device, threads)
+    import uvicorn
+
+    from mextract.experiments import served_api
+    from mextract.server import create_app
+
+    api = served_api(victim, defence=defence, mode=mode, k=k, decimals=decimals, precision=precision.value,
+                     budget=budget, detect=detect, block=block, name=name, seed=seed, data_root=data_root,
+                     device=device)  # fmt: skip
+    app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
+    d = api.description
+    answers = d.mode.value + (f" (k={d.k})" if d.k else "")
+    answers += f" (decimals={d.decimals})" if d.decimals is not None else ""
+    console.print(
+        f"serving {meta['architecture']} as {name!r}: inputs {list(d.input_shape)} in {d.value_range}, "
+        f"{d.num_classes} classes, answers {answers}, defence {defence}"
+        + (f", {budget:,} queries per client" if budget else ""), markup=False, soft_wrap=True,
+    )  # fmt: skip
+    console.print(f"  http://{host}:{port}/v2/models/{name}  (Ctrl-C stops)", markup=False)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
 @app.command()

@@ -69,6 +69,7 @@ import hmac
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,14 @@ from mextract.defences.perturb import _check_inner, _inner_logits
 from mextract.errors import InputError
 from mextract.metrics import predict_probs
 from mextract.oracle import AnswerMode, Oracle, OracleWrapper
+from mextract.oracle.base import (
+    StateLock,
+    check_state_keys,
+    generator_state,
+    state_generator,
+    state_int,
+    state_tensor,
+)
 
 #: Default amplitude ε of the cosine signal (see the module docstring).
 COSINE_EPSILON = 0.1
@@ -150,6 +159,13 @@ class CosineWatermark(OracleWrapper):
         log_size: queries kept for verification (a uniform reservoir sample once more
             arrive; ``0`` keeps none).
 
+    State (:meth:`state_dict`): the query log and the reservoir sampler's position,
+    ``{"log": (n, *input_shape) float32 tensor, n ≤ log_size; "seen": queries answered so
+    far; "reservoir": the sampler's generator state}``. Everything else — the key (and the
+    projection, target and null keys derived from it), ``reference`` and the options — is
+    configuration: load a state into a wrapper built with the same spec, and its log and
+    the queries it logs next are the original's. Logging is thread-safe.
+
     Example:
         >>> api = CosineWatermark(VictimOracle(victim, ...), key=b"secret", reference=owner_x)
         >>> # ... a thief distils a substitute from ``api`` ...
@@ -193,6 +209,7 @@ class CosineWatermark(OracleWrapper):
         self._key = key
         self.log_size, self._log, self._seen = log_size, torch.empty(0, *self.input_shape), 0
         self._reservoir = torch.Generator().manual_seed(_stream(key, b"cosine-log"))
+        self._lock = StateLock()
         dim = math.prod(self.input_shape)
         self._v = _unit_vectors(_stream(key, b"cosine-projection"), dim, 1)[:, 0]
         ref = as_tensor(reference, name="reference", dtype=torch.float64)
@@ -214,9 +231,37 @@ class CosineWatermark(OracleWrapper):
         """The answered queries kept for verification (all of them up to ``log_size``)."""
         return self._log
 
+    def state_dict(self) -> dict[str, Any]:
+        """The query log and the reservoir's position (see the class docstring); no key."""
+        with self._lock:
+            return {
+                "log": self._log.clone(),
+                "seen": self._seen,
+                "reservoir": generator_state(self._reservoir),
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the query log and the reservoir's position with ``state``'s."""
+        name = type(self).__name__
+        state = check_state_keys(name, state, ("log", "seen", "reservoir"))
+        log = state_tensor(name, "log", state["log"], dtype=torch.float32, shape=(None, *self.input_shape))
+        seen = state_int(name, "seen", state["seen"])
+        reservoir = state_generator(name, "reservoir", state["reservoir"])
+        if len(log) > self.log_size:
+            raise InputError(f"{name}: state 'log': {len(log)} queries, more than log_size={self.log_size}")
+        if seen < len(log) or (len(log) < self.log_size and seen != len(log)):
+            raise InputError(f"{name}: state 'seen': {seen} queries cannot leave {len(log)} in the log")
+        with self._lock:
+            self._log, self._seen = log, seen
+            self._reservoir.set_state(reservoir)
+
     def _record(self, x: torch.Tensor) -> None:
         """Reservoir sampling (Vitter's algorithm R), so the log stays a uniform sample."""
         x = x.detach().to("cpu", torch.float32)
+        with self._lock:  # concurrent batches are logged one after the other
+            self._record_locked(x)
+
+    def _record_locked(self, x: torch.Tensor) -> None:
         room = max(0, self.log_size - len(self._log))
         if room:
             self._log = torch.cat([self._log, x[:room]])

@@ -39,6 +39,12 @@ Usage::
     oracle_alice = monitor.client("alice", oracle)   # an oracle; answers unchanged
     oracle_alice.query(x)
     monitor.report("alice").flagged
+
+State: :meth:`Prada.state_dict` holds every client's stream statistics and
+:meth:`Prada.client_state_dict` one client's (a server persists per client); the
+options (``delta``, ``min_distances``, ...) are configuration, not state, so a state is
+loaded into a monitor built with the same options. One monitor may serve concurrent
+clients: :meth:`Prada.observe` and the state methods hold the monitor's lock.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import math
 import warnings
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +63,7 @@ from scipy import stats
 from mextract._utils import as_tensor
 from mextract.errors import InputError, MextractError
 from mextract.oracle import Oracle, OracleWrapper
+from mextract.oracle.base import StateLock, check_state_keys, state_int, state_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +132,46 @@ class _Growing:
         self.n += 1
         self.dists.append(d)
 
+    def state_dict(self, cls: int) -> dict[str, Any]:
+        """The class, the stored inputs (only the ``n`` filled rows), ``D_{G_c}`` and ``T_c``."""
+        stored, dists = self.stored.clone(), list(self.dists)
+        return {"cls": cls, "stored": stored, "dists": dists, "threshold": self.threshold}
+
+    @classmethod
+    def from_state(cls, owner: str, state: object, dim: int) -> tuple[int, _Growing]:
+        """``(class, growing set)`` from :meth:`state_dict`, checked."""
+        state = check_state_keys(owner, state, ("cls", "stored", "dists", "threshold"))
+        label = state_int(owner, "cls", state["cls"])
+        stored = state_tensor(owner, "stored", state["stored"], dtype=torch.float64, shape=(None, dim))
+        dists = _floats(owner, "dists", state["dists"])
+        if len(dists) != len(stored):
+            raise InputError(
+                f"{owner}: state 'dists': {len(dists)} distances for {len(stored)} stored inputs"
+            )
+        g = cls(dim)
+        if len(stored) > len(g.data):
+            g.data = torch.empty(len(stored), dim, dtype=torch.float64)
+        g.data[: len(stored)] = stored
+        g.n, g.dists, g.threshold = len(stored), dists, _float(owner, "threshold", state["threshold"])
+        return label, g
+
+
+def _float(owner: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{owner}: state {name!r}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _floats(owner: str, name: str, value: object) -> list[float]:
+    if not isinstance(value, list | tuple):
+        raise InputError(f"{owner}: state {name!r}: expected a list of numbers, got {type(value).__name__}")
+    return [_float(owner, name, v) for v in value]
+
 
 @dataclass
 class _ClientState:
+    """One client's running statistics; ``pending`` is transient (empty between calls)."""
+
     dim: int
     queries: int = 0
     flagged: bool = False
@@ -135,6 +180,52 @@ class _ClientState:
     w_history: list[tuple[int, float]] = field(default_factory=list)
     growing: dict[int, _Growing] = field(default_factory=dict)
     pending: dict[int, float] = field(default_factory=dict)  # this batch's distances by position
+
+    _KEYS = ("dim", "queries", "flagged", "first_alarm", "distances", "w_history", "growing")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim,
+            "queries": self.queries,
+            "flagged": self.flagged,
+            "first_alarm": self.first_alarm,
+            "distances": list(self.distances),
+            "w_history": list(self.w_history),
+            "growing": [g.state_dict(c) for c, g in self.growing.items()],
+        }
+
+    @classmethod
+    def from_state(cls, owner: str, state: object) -> _ClientState:
+        """A client's state from :meth:`state_dict`, checked."""
+        state = check_state_keys(owner, state, cls._KEYS)
+        dim = state_int(owner, "dim", state["dim"])
+        queries = state_int(owner, "queries", state["queries"])
+        flagged, first_alarm = state["flagged"], state["first_alarm"]
+        if not isinstance(flagged, bool):
+            raise InputError(f"{owner}: state 'flagged': expected a bool, got {flagged!r}")
+        if first_alarm is not None:
+            first_alarm = state_int(owner, "first_alarm", first_alarm)
+        if flagged != (first_alarm is not None) or (first_alarm is not None and first_alarm >= queries):
+            raise InputError(f"{owner}: state 'first_alarm' {first_alarm!r} contradicts flagged={flagged}")
+        distances = _floats(owner, "distances", state["distances"])
+        if len(distances) > queries:
+            raise InputError(f"{owner}: state 'distances': {len(distances)} distances from {queries} queries")
+        history = state["w_history"]
+        if not isinstance(history, list | tuple) or not all(
+            isinstance(h, list | tuple) and len(h) == 2 for h in history
+        ):
+            raise InputError(f"{owner}: state 'w_history': expected a list of (query index, W) pairs")
+        w_history = [(state_int(owner, "w_history", i), _float(owner, "w_history", w)) for i, w in history]
+        entries = state["growing"]
+        if not isinstance(entries, list | tuple):
+            raise InputError(f"{owner}: state 'growing': expected a list, got {type(entries).__name__}")
+        growing: dict[int, _Growing] = {}
+        for entry in entries:
+            label, g = _Growing.from_state(f"{owner}: growing set", entry, dim)
+            if label in growing:
+                raise InputError(f"{owner}: state 'growing': class {label} appears twice")
+            growing[label] = g
+        return cls(dim, queries, flagged, first_alarm, distances, w_history, growing)
 
 
 class Prada:
@@ -155,6 +246,15 @@ class Prada:
             later probes are measured against the distant seed and look natural. Against
             every earlier query their distances halve at each step. Measured on mnist in
             ``docs/defences.md``.
+
+    State: per client, its input size ``dim``, ``queries``, ``flagged``, ``first_alarm``,
+    the distance set ``distances`` (``D``), ``w_history`` and its growing sets (per class:
+    the stored inputs, their distances ``D_{G_c}`` and the threshold ``T_c``). The
+    arguments above are configuration, not state. :meth:`state_dict` covers every client
+    (their ids must then be ``str`` or ``int``), :meth:`client_state_dict` one.
+
+    Thread-safe: one lock guards all clients, so concurrent clients' batches are processed
+    one at a time, each exactly as it would be alone.
     """
 
     def __init__(
@@ -182,6 +282,7 @@ class Prada:
         self.outlier_sigma = outlier_sigma
         self.compare_to = compare_to
         self._clients: dict[Hashable, _ClientState] = {}
+        self._lock = StateLock()
 
     # ------------------------------------------------------------------ the public interface
 
@@ -200,55 +301,107 @@ class Prada:
         if len(t) == 0:
             return self.flagged(client_id)
         flat = t.reshape(len(t), -1)
-        state = self._clients.get(client_id)
-        if state is None:
-            state = self._clients[client_id] = _ClientState(dim=flat.shape[1])
-        elif flat.shape[1] != state.dim:
-            raise InputError(
-                f"queries: client {client_id!r} sent inputs of {state.dim} values before, now {flat.shape[1]}"
-            )
-        was_flagged = state.flagged
         labels = c.long().tolist()
-        for cls in sorted(set(labels)):
-            rows = [i for i, v in enumerate(labels) if v == cls]
-            self._process_class(state, cls, flat[rows], rows)
-        self._advance(state, len(t))
-        if state.flagged and not was_flagged:
-            w_alarm = next(w for i, w in state.w_history if i == state.first_alarm)
+        with self._lock:
+            state = self._clients.get(client_id)
+            if state is None:
+                state = self._clients[client_id] = _ClientState(dim=flat.shape[1])
+            elif flat.shape[1] != state.dim:
+                raise InputError(
+                    f"queries: client {client_id!r} sent inputs of {state.dim} values before, "
+                    f"now {flat.shape[1]}"
+                )
+            was_flagged = state.flagged
+            for cls in sorted(set(labels)):
+                rows = [i for i, v in enumerate(labels) if v == cls]
+                self._process_class(state, cls, flat[rows], rows)
+            self._advance(state, len(t))
+            flagged, first_alarm = state.flagged, state.first_alarm
+            alarm = flagged and not was_flagged
+            w_alarm = next(w for i, w in state.w_history if i == first_alarm) if alarm else math.nan
+        if alarm:
             logger.warning(
                 "PRADA: client %r flagged at query #%d (W=%.4f < delta=%.3f)",
-                client_id, state.first_alarm, w_alarm, self.delta,
+                client_id, first_alarm, w_alarm, self.delta,
             )  # fmt: skip
-        return state.flagged
+        return flagged
 
     def flagged(self, client_id: Hashable) -> bool:
-        state = self._clients.get(client_id)
-        return state is not None and state.flagged
+        with self._lock:
+            state = self._clients.get(client_id)
+            return state is not None and state.flagged
 
     def report(self, client_id: Hashable) -> ClientReport:
         """The current report on ``client_id`` (an empty one for an unknown client)."""
-        s = self._clients.get(client_id)
-        if s is None:
-            return ClientReport(client_id, 0, False, None, [], 0, 0)
-        return ClientReport(
-            client_id=client_id,
-            queries=s.queries,
-            flagged=s.flagged,
-            first_alarm=s.first_alarm,
-            w_history=list(s.w_history),
-            growing_set_size=sum(g.n for g in s.growing.values()),
-            distances=len(s.distances),
-        )
+        with self._lock:
+            s = self._clients.get(client_id)
+            if s is None:
+                return ClientReport(client_id, 0, False, None, [], 0, 0)
+            return ClientReport(
+                client_id=client_id,
+                queries=s.queries,
+                flagged=s.flagged,
+                first_alarm=s.first_alarm,
+                w_history=list(s.w_history),
+                growing_set_size=sum(g.n for g in s.growing.values()),
+                distances=len(s.distances),
+            )
 
     def reports(self) -> dict[Hashable, ClientReport]:
-        return {cid: self.report(cid) for cid in self._clients}
+        with self._lock:
+            return {cid: self.report(cid) for cid in self._clients}
 
     def reset(self, client_id: Hashable | None = None) -> None:
         """Forget one client (or all)."""
-        if client_id is None:
-            self._clients.clear()
-        else:
-            self._clients.pop(client_id, None)
+        with self._lock:
+            if client_id is None:
+                self._clients.clear()
+            else:
+                self._clients.pop(client_id, None)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's state: ``{"clients": [{"id": client id, "state": ...}, ...]}`` in
+        the order the clients first queried (see :meth:`client_state_dict`). Client ids
+        must be ``str`` or ``int`` here (a saved state holds only plain values)."""
+        with self._lock:
+            for cid in self._clients:
+                _check_id(cid)
+            return {"clients": [{"id": cid, "state": s.state_dict()} for cid, s in self._clients.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace every client's state with ``state``'s (clients not in it are forgotten)."""
+        entries = check_state_keys("Prada", state, ("clients",))["clients"]
+        if not isinstance(entries, list | tuple):
+            raise InputError(f"Prada: state 'clients': expected a list, got {type(entries).__name__}")
+        clients: dict[Hashable, _ClientState] = {}
+        for entry in entries:
+            check_state_keys("Prada: client entry", entry, ("id", "state"))
+            cid = _check_id(entry["id"])
+            if cid in clients:
+                raise InputError(f"Prada: state 'clients': client {cid!r} appears twice")
+            clients[cid] = _ClientState.from_state(f"Prada: client {cid!r}", entry["state"])
+        with self._lock:
+            self._clients = clients
+
+    def client_state_dict(self, client_id: Hashable) -> dict[str, Any]:
+        """One client's state: ``dim``, ``queries``, ``flagged``, ``first_alarm``,
+        ``distances``, ``w_history`` and ``growing`` (a list of ``{"cls", "stored",
+        "dists", "threshold"}``); ``{}`` for a client that has sent no query."""
+        with self._lock:
+            s = self._clients.get(client_id)
+            return {} if s is None else s.state_dict()
+
+    def load_client_state_dict(self, client_id: Hashable, state: dict[str, Any]) -> None:
+        """Replace one client's state with a :meth:`client_state_dict` (``{}``: forget it);
+        the other clients are untouched."""
+        if isinstance(state, dict) and not state:
+            self.reset(client_id)
+            return
+        client = _ClientState.from_state(f"Prada: client {client_id!r}", state)
+        with self._lock:
+            self._clients[client_id] = client
 
     # ------------------------------------------------------------------ Algorithm 1
 
@@ -308,6 +461,16 @@ class Prada:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scipy warns that p-values are inexact for N > 5000
             return float(stats.shapiro(d).statistic)
+
+
+def _check_id(client_id: object) -> str | int:
+    """A client id that a saved state can hold: a ``str`` or an ``int``."""
+    if isinstance(client_id, bool) or not isinstance(client_id, str | int):
+        raise InputError(
+            f"Prada: client id {client_id!r} ({type(client_id).__name__}) cannot be saved in a state; "
+            "use str or int client ids"
+        )
+    return client_id
 
 
 def calibrate_delta(

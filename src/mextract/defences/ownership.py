@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ from mextract.data.base import Dataset
 from mextract.errors import InputError
 from mextract.metrics import agreement, predict_labels
 from mextract.oracle import Oracle, OracleWrapper
+from mextract.oracle.base import StateLock, check_state_keys, state_tensor
 from mextract.training import TrainConfig, VictimRecipe, fit, train_victim
 
 logger = logging.getLogger(__name__)
@@ -246,6 +248,14 @@ class DawnWatermark(OracleWrapper):
     still escape it. Marked answers also poison finite-difference gradient estimates
     (SPSG), a side effect.
 
+    State (:meth:`state_dict`): the recorded watermark set and the digests of its queries,
+    ``{"marked_x": (n, *input_shape) tensor in the oracle's dtype, "marked_y": (n,) int64
+    labels, "seen": n hex HMAC digests}``. The key, ``fraction`` and ``alpha`` are
+    configuration, not state (the key is the owner's secret and stays out of saved
+    states): load a state into a wrapper built with the same key — the digests are checked
+    against it — and ``watermark_set``, ``len()`` and :meth:`verify` are as before, and
+    queries recorded before are not recorded again. Recording is thread-safe.
+
     Args:
         inner: the oracle to protect (any answer mode).
         key: the owner's secret (bytes, or a non-negative int).
@@ -268,7 +278,9 @@ class DawnWatermark(OracleWrapper):
         self.fraction, self.alpha = float(fraction), float(alpha)
         self._marked_x: list[torch.Tensor] = []
         self._marked_y: list[torch.Tensor] = []
-        self._seen: set[bytes] = set()  # digests already recorded (repeats are recorded once)
+        # digests already recorded, in the order of the lists above (repeats are recorded once)
+        self._seen: dict[bytes, None] = {}
+        self._lock = StateLock()
 
     def _digests(self, x: torch.Tensor) -> list[bytes]:
         rows = x.detach().to(device="cpu", dtype=self.dtype).contiguous().numpy()
@@ -294,22 +306,53 @@ class DawnWatermark(OracleWrapper):
         a, b = top1[idx], wm[idx]
         out[idx, a], out[idx, b] = answers[idx, b], answers[idx, a]
         digests = self._digests(x[idx])
-        for j, d in zip(idx.tolist(), digests, strict=True):
-            if d not in self._seen:
-                self._seen.add(d)
-                self._marked_x.append(x[j].detach().cpu().clone())
-                self._marked_y.append(wm[j].reshape(()))
+        with self._lock:  # check-and-record: concurrent repeats are recorded once
+            for j, d in zip(idx.tolist(), digests, strict=True):
+                if d not in self._seen:
+                    self._seen[d] = None
+                    self._marked_x.append(x[j].detach().cpu().clone())
+                    self._marked_y.append(wm[j].detach().cpu().long().reshape(()))
         return out
 
     @property
     def watermark_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded watermark queries (distinct) and their watermark labels."""
-        if not self._marked_x:
+        with self._lock:
+            xs, ys = list(self._marked_x), list(self._marked_y)
+        if not xs:
             return torch.empty(0, *self.input_shape, dtype=self.dtype), torch.empty(0, dtype=torch.long)
-        return torch.stack(self._marked_x), torch.stack(self._marked_y).long()
+        return torch.stack(xs), torch.stack(ys).long()
 
     def __len__(self) -> int:
         return len(self._marked_x)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded watermark set and its digests (see the class docstring); no key."""
+        with self._lock:
+            x, y = self.watermark_set
+            return {"marked_x": x, "marked_y": y, "seen": [d.hex() for d in self._seen]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the recorded watermark set with ``state``'s (checked against this key)."""
+        name = type(self).__name__
+        state = check_state_keys(name, state, ("marked_x", "marked_y", "seen"))
+        shape = (None, *self.input_shape)
+        x = state_tensor(name, "marked_x", state["marked_x"], dtype=self.dtype, shape=shape)
+        y = state_tensor(name, "marked_y", state["marked_y"], dtype=torch.long, shape=(len(x),))
+        if len(y) and not bool(((y >= 0) & (y < self.num_classes)).all()):
+            raise InputError(f"{name}: state 'marked_y': expected labels in [0, {self.num_classes})")
+        seen = state["seen"]
+        if not isinstance(seen, list | tuple) or not all(isinstance(d, str) for d in seen):
+            raise InputError(f"{name}: state 'seen': expected a list of hex digests")
+        digests = self._digests(x)
+        if [d.hex() for d in digests] != list(seen):
+            raise InputError(
+                f"{name}: state 'seen': the digests do not match the recorded queries under this "
+                "oracle's key (a state recorded with another key, or altered)"
+            )
+        with self._lock:
+            self._marked_x, self._marked_y = list(x), list(y)
+            self._seen = dict.fromkeys(digests)
 
     def verify(self, suspect: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> VerificationResult:
         """Test ``suspect`` (a PyTorch model, or a function from inputs to labels/logits)."""

@@ -7,6 +7,10 @@ every attack runs against a defended victim unchanged. The inner ledger counts e
 sample once, whatever the stack. With identity parameters every defence answers
 exactly like the undefended oracle in the same mode.
 
+Only :class:`NoisyProbabilities` has state (its noise generator's position); the other
+defences are pure functions of their options and models, and their ``state_dict`` is
+``{}``.
+
 Covered (IBM ART's postprocessor checklist, plus the strongest published ones):
 honey labels (the sources), top-k, rounding, label-only, reverse sigmoid (Lee et al.
 2019), ε-differentially-private noise, prediction poisoning (MAD; Orekondy et al.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,7 @@ from torch import nn
 
 from mextract.errors import InputError, UnknownNameError
 from mextract.oracle import AnswerMode, Oracle, OracleWrapper, restrict
+from mextract.oracle.base import StateLock, check_state_keys, generator_state, state_generator
 
 
 def _inner_logits(inner: Oracle, x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +174,11 @@ class NoisyProbabilities(_Perturbation):
     seeded generator. ``epsilon = inf`` is identity. The guarantee is per query: an
     attacker who repeats a query averages the noise away (composition), which is why
     ``budget`` at the oracle matters.
+
+    State (:meth:`state_dict`): the generator's state, ``{"generator": uint8 tensor}``;
+    loaded into a defence with the same options, the next answers are those the original
+    would have given. ``epsilon``, ``mechanism``, ``delta`` and ``seed`` are configuration.
+    Concurrent queries draw their noise one batch at a time (thread-safe).
     """
 
     def __init__(
@@ -189,7 +200,18 @@ class NoisyProbabilities(_Perturbation):
             )
         self.epsilon, self.mechanism, self.delta = float(epsilon), mechanism, float(delta)
         self.generator = torch.Generator().manual_seed(seed)
+        self._lock = StateLock()
         super().__init__(inner, mode=AnswerMode.PROBS)
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"generator": generator_state(self.generator)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = check_state_keys(type(self).__name__, state, ("generator",))
+        generator = state_generator(type(self).__name__, "generator", state["generator"])
+        with self._lock:
+            self.generator.set_state(generator)
 
     @property
     def scale(self) -> float:
@@ -204,11 +226,12 @@ class NoisyProbabilities(_Perturbation):
         p = torch.softmax(logits, dim=1)
         if self.scale == 0.0:
             return p
-        u = torch.rand(p.shape, generator=self.generator, dtype=torch.float64)
-        if self.mechanism == "laplace":
-            noise = -self.scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
-        else:
-            noise = self.scale * torch.randn(p.shape, generator=self.generator, dtype=torch.float64)
+        with self._lock:  # one batch's draws are consecutive, whatever other threads do
+            u = torch.rand(p.shape, generator=self.generator, dtype=torch.float64)
+            if self.mechanism == "laplace":
+                noise = -self.scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
+            else:
+                noise = self.scale * torch.randn(p.shape, generator=self.generator, dtype=torch.float64)
         out = (p.double() + noise).clamp(0, 1)
         total = out.sum(1, keepdim=True)
         uniform = torch.full_like(out, 1.0 / out.shape[1])

@@ -92,38 +92,49 @@ class Owner:
         return model
 
 
-Builder = Callable[[Oracle, Owner, dict[str, Any]], Oracle]
+#: a defence's builder: the oracle to wrap, the owner's side (``None`` where the caller has
+#: none: defences that need it say so), the spec's options
+Builder = Callable[[Oracle, "Owner | None", dict[str, Any]], Oracle]
 
 
 def _simple(cls: Callable[..., Oracle]) -> Builder:
     return lambda inner, owner, opts: cls(inner, **opts)
 
 
-def _mad(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
-    return PredictionPoisoning(inner, surrogate=owner.surrogate(), **opts)
+def _needs(owner: Owner | None, name: str, what: str) -> Owner:
+    if owner is None:
+        raise InputError(f"defence {name!r} needs the owner's side ({what}): give an Owner")
+    return owner
 
 
-def _owner_key(opts: dict[str, Any], mark: str, owner: Owner) -> bytes | int:
+def _mad(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
+    surrogate = _needs(owner, "mad", "the victim's architecture, for the surrogate").surrogate()
+    return PredictionPoisoning(inner, surrogate=surrogate, **opts)
+
+
+def _owner_key(opts: dict[str, Any], mark: str, owner: Owner | None) -> bytes | int:
     """A watermark's key from the spec's options (a JSON string or int), else per mark and seed."""
-    key = opts.pop("key", f"mextract-{mark}-{owner.seed}")
+    key = opts.pop("key", f"mextract-{mark}-{0 if owner is None else owner.seed}")
     return key.encode() if isinstance(key, str) else key
 
 
-def _dawn(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+def _dawn(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
     from mextract.defences.ownership import DawnWatermark
 
     return DawnWatermark(inner, _owner_key(opts, "dawn", owner), **opts)
 
 
-def _cosine(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+def _cosine(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
     from mextract.defences.cosine import CosineWatermark
 
-    return CosineWatermark(inner, _owner_key(opts, "cosine", owner), reference=owner.train.x, **opts)
+    reference = _needs(owner, "cosine", "its own inputs, to standardise on").train.x
+    return CosineWatermark(inner, _owner_key(opts, "cosine", owner), reference=reference, **opts)
 
 
-def _misinformation(inner: Oracle, owner: Owner, opts: dict[str, Any]) -> Oracle:
+def _misinformation(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
     epochs = opts.pop("epochs", 10)
-    return AdaptiveMisinformation(inner, misinformation=owner.misinformation_model(epochs), **opts)
+    model = _needs(owner, "adaptive_misinformation", "labelled training data").misinformation_model(epochs)
+    return AdaptiveMisinformation(inner, misinformation=model, **opts)
 
 
 DEFENCES: dict[str, Builder] = {
@@ -157,9 +168,10 @@ def _split_stack(spec: str) -> list[str]:
     return [*parts, spec[start:]]
 
 
-def build_defence(spec: str, inner: Oracle, owner: Owner) -> Oracle:
+def build_defence(spec: str, inner: Oracle, owner: Owner | None = None) -> Oracle:
     """Wrap ``inner`` in the defence named by ``spec``; stack several with ``+``
-    (``"reverse_sigmoid+topk:{\\"k\\": 3}"``, applied left to right)."""
+    (``"reverse_sigmoid+topk:{\\"k\\": 3}"``, applied left to right). ``owner`` is needed
+    by defences that use the owner's models or data (mad, adaptive_misinformation, cosine)."""
     oracle = inner
     for part in _split_stack(spec):
         name, options = parse_defence_spec(part.strip())

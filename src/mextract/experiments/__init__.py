@@ -10,7 +10,7 @@ from mextract.experiments.matrix import (
 )
 from mextract.experiments.records import Record, load_records
 from mextract.experiments.report import markdown_table, results_rows
-from mextract.experiments.runner import attack_run, demo, train_victim_run
+from mextract.experiments.runner import attack_run, demo, served_api, train_victim_run
 
 __all__ = [
     "FULL_ATTACKS",
@@ -25,5 +25,6 @@ __all__ = [
     "matrix_table",
     "results_rows",
     "run_matrix",
+    "served_api",
     "train_victim_run",
 ]

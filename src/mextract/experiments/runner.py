@@ -9,9 +9,10 @@ metrics → record.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,7 +21,7 @@ from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
 from mextract.data import Dataset, ValueRange, check_disjoint, dataset_info, load_file, load_splits
 from mextract.defences.adversarial import PGDConfig, adversarial_training
-from mextract.errors import DataError, MextractError, UnknownNameError
+from mextract.errors import DataError, InputError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
 from mextract.metrics import Evaluator, accuracy
 from mextract.models import (
@@ -30,12 +31,17 @@ from mextract.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from mextract.oracle import AnswerMode, VictimOracle
+from mextract.oracle import AnswerMode, APIDescription, Oracle, VictimOracle
 from mextract.training import train_victim, victim_recipe
+
+if TYPE_CHECKING:
+    from mextract.server import ServedAPI
 
 logger = logging.getLogger(__name__)
 
 VICTIM_DIR, VICTIM_RECORD = "victim", "victim.json"
+#: the client id an attack on a url states unless told otherwise (its evaluator: "<id>-evaluator")
+DEFAULT_ATTACKER = "mextract-attacker"
 
 
 def train_victim_run(
@@ -143,11 +149,15 @@ def train_victim_run(
 
 
 def attack_run(
-    victim: str | Path,
+    victim: str | Path | None = None,
     *,
     attack: str,
     budget: int,
-    mode: str = "probs",
+    url: str | None = None,
+    client_id: str | None = None,
+    dataset: str | None = None,
+    split_seed: int = 0,
+    mode: str | None = None,
     k: int | None = None,
     decimals: int | None = None,
     precision: str = "float32",
@@ -164,61 +174,137 @@ def attack_run(
     callback: Callback | None = None,
     resume: bool = True,
 ) -> Record:
-    """Attack the victim checkpoint in ``victim`` (a folder written by :func:`train_victim_run`).
+    """Attack the victim checkpoint in ``victim`` (a folder written by :func:`train_victim_run`),
+    or the prediction API at ``url`` (any Open Inference Protocol model endpoint).
 
-    The pool and test set come from the victim's dataset and split seed, so the pool is
-    disjoint from the victim's training data, unless ``pool_data``/``test_data`` replace
-    them (checked against the value range declared in the checkpoint; ``scale`` divides
-    their values first). A victim trained on files only needs both. ``pool_dataset``
+    For a checkpoint, the pool and test set come from the victim's dataset and split seed,
+    so the pool is disjoint from the victim's training data, unless ``pool_data``/``test_data``
+    replace them (checked against the value range declared in the checkpoint; ``scale``
+    divides their values first). A victim trained on files only needs both. ``pool_dataset``
     names an out-of-domain pool (a dataset name or ``natural_patches``) conformed to the
     victim's input; its own labels go to attacks with a ``pool_labels`` field (adaptive
-    Knockoff). With ``out``, the record is
-    ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the substitute is saved beside it.
+    Knockoff). Any pool the user names is refused if it shares samples with the victim's
+    training data or the test set.
+
+    For a ``url``, the attacker has only what a remote client has: the API's description
+    and answers (``mode``/``k``/``decimals`` state what the answers are when the endpoint
+    does not declare it). Its data: ``dataset`` (the lab's seeded split of that dataset,
+    ``split_seed``: its pool and test parts), or ``pool_data``/``pool_dataset`` and
+    ``test_data``. Fidelity is agreement with the API's top-1 answers on the test set,
+    asked by a second client (``<client_id>-evaluator``) so that the attacker's ledger
+    holds the attack's queries only.
+
+    With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the
+    substitute is saved beside it.
     """
-    net, meta = load_checkpoint(victim)
-    answer_mode = AnswerMode.parse(mode)
+    if (victim is None) == (url is None):
+        raise InputError("give a victim checkpoint or the url of a prediction API, exactly one")
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if precision not in dtypes:
         raise UnknownNameError("precision", precision, list(dtypes))
     resolve_device(device)
+    options = dict(attack_options or {})
+    create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
+    if url is not None:
+        target = _remote_target(url, client_id, mode, k, decimals, dataset, split_seed, pool_data,
+                                pool_dataset, test_data, data_root, scale, seed)  # fmt: skip
+    else:
+        assert victim is not None
+        target = _local_target(victim, mode or "probs", k, decimals, dtypes[precision], pool_data,
+                               pool_dataset, test_data, data_root, scale, seed, device)  # fmt: skip
+    oracle, desc = target.oracle, target.description
     config: dict[str, Any] = {
-        "victim": str(Path(victim).resolve()),
-        "victim_architecture": meta["architecture"],
-        "dataset": meta.get("dataset"),
+        **target.config,
         "attack": attack,
         "options": attack_options or {},
         "budget": budget,
-        "mode": answer_mode.value,
-        "k": k,
-        "decimals": decimals,
-        "precision": precision,
-        "substitute": substitute or default_model_for(meta["input_shape"]),
+        "mode": desc.mode.value,
+        "k": desc.k,
+        "decimals": desc.decimals,
+        "precision": str(desc.dtype).removeprefix("torch."),
+        "substitute": substitute or default_model_for(desc.input_shape),
         "pool_data": None if pool_data is None else str(pool_data),
         "pool_dataset": pool_dataset,
         "test_data": None if test_data is None else str(test_data),
     }
     if scale is not None:  # absent otherwise, so that earlier records still match
         config["scale"] = scale
-    stem = f"attack-{attack}-{answer_mode.value}-{budget}-s{seed}"
+    stem = f"attack-{attack}-{desc.mode.value}-{budget}-s{seed}"
     record_path = None if out is None else Path(out) / f"{stem}.json"
     if resume and record_path is not None and record_path.is_file():
         old = Record.load(record_path)
         if same_config(old.config, config) and old.seed == seed:
             logger.info("reusing %s (same configuration)", record_path)
             return old
-    options = dict(attack_options or {})
-    create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
-    pool = None
-    if pool_dataset is not None:
-        from mextract.data.transfer import check_pool, load_pool
-
-        check_pool(pool_dataset, meta["input_shape"], data_root)
-        pool = load_pool(pool_dataset, meta["input_shape"], seed=seed, root=data_root)
-        cls = ATTACKS.get(attack)
-        takes_labels = is_dataclass(cls) and any(f.name == "pool_labels" for f in fields(cls))
-        if takes_labels and "pool_labels" not in options and pool.y is not None:
-            options["pool_labels"] = pool.y
+    pool = target.pool
+    cls = ATTACKS.get(attack)
+    takes_labels = is_dataclass(cls) and any(f.name == "pool_labels" for f in fields(cls))
+    if pool_dataset is not None and takes_labels and "pool_labels" not in options and pool.y is not None:
+        options["pool_labels"] = pool.y
     atk = create_attack(attack, **options)
+    evaluator = target.evaluator()
+    result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
+                 evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
+    if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
+        raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
+    record = attack_record(result, config, seed, evaluator)
+    if out is not None and record_path is not None:
+        arch, arch_options = atk.model_spec(result.model) or (config["substitute"], {})
+        save_checkpoint(
+            Path(out) / f"substitute-{stem[len('attack-') :]}",
+            result.model,
+            {
+                "architecture": arch,
+                "options": arch_options,
+                "input_shape": list(desc.input_shape),
+                "num_classes": desc.num_classes,
+                "attack": attack,
+                "seed": seed,
+                "metrics": record.metrics,
+            },
+        )
+        record.save(record_path)
+    return record
+
+
+@dataclass
+class _Target:
+    """What an attack run aims at: the oracle, the attacker's pool, and how to score."""
+
+    oracle: Oracle
+    pool: Dataset
+    evaluator: Callable[[], Evaluator]
+    config: dict[str, Any]
+
+    @property
+    def description(self) -> APIDescription:
+        return APIDescription.of(self.oracle)
+
+
+def _named_pool(pool_dataset: str, input_shape: Sequence[int], seed: int, root: str | Path | None) -> Dataset:
+    from mextract.data.transfer import check_pool, load_pool
+
+    check_pool(pool_dataset, input_shape, root)
+    return load_pool(pool_dataset, input_shape, seed=seed, root=root)
+
+
+def _local_target(
+    victim: str | Path,
+    mode: str,
+    k: int | None,
+    decimals: int | None,
+    dtype: torch.dtype,
+    pool_data: str | Path | None,
+    pool_dataset: str | None,
+    test_data: str | Path | None,
+    data_root: str | Path | None,
+    scale: float | None,
+    seed: int,
+    device: str | None,
+) -> _Target:
+    net, meta = load_checkpoint(victim)
+    answer_mode = AnswerMode.parse(mode)
+    pool = None if pool_dataset is None else _named_pool(pool_dataset, meta["input_shape"], seed, data_root)
     split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
     dataset = meta.get("dataset")
     like = _template(meta)
@@ -246,31 +332,120 @@ def attack_run(
     if pool_data is not None or pool_dataset is not None:  # the lab's own split is disjoint by construction
         check_disjoint(pool, known)
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
-                          mode=answer_mode, k=k, decimals=decimals, dtype=dtypes[precision],
+                          mode=answer_mode, k=k, decimals=decimals, dtype=dtype,
                           device=device, value_range=like.declared_range)  # fmt: skip
-    evaluator = Evaluator.from_victim(net, test, device=device)
-    result = atk(oracle, pool.unlabeled(), budget, substitute=config["substitute"],
-                 evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
-    if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
-        raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
-    record = attack_record(result, config, seed, evaluator)
-    if out is not None and record_path is not None:
-        arch, options = atk.model_spec(result.model) or (config["substitute"], {})
-        save_checkpoint(
-            Path(out) / f"substitute-{stem[len('attack-') :]}",
-            result.model,
-            {
-                "architecture": arch,
-                "options": options,
-                "input_shape": meta["input_shape"],
-                "num_classes": meta["num_classes"],
-                "attack": attack,
-                "seed": seed,
-                "metrics": record.metrics,
-            },
-        )
-        record.save(record_path)
-    return record
+    config = {
+        "victim": str(Path(victim).resolve()),
+        "victim_architecture": meta["architecture"],
+        "dataset": meta.get("dataset"),
+    }
+    return _Target(oracle, pool, lambda: Evaluator.from_victim(net, test, device=device), config)
+
+
+def _remote_target(
+    url: str,
+    client_id: str | None,
+    mode: str | None,
+    k: int | None,
+    decimals: int | None,
+    dataset: str | None,
+    split_seed: int,
+    pool_data: str | Path | None,
+    pool_dataset: str | None,
+    test_data: str | Path | None,
+    data_root: str | Path | None,
+    scale: float | None,
+    seed: int,
+) -> _Target:
+    from mextract.oracle import RemoteOracle
+
+    cid = client_id or DEFAULT_ATTACKER
+    stated: dict[str, Any] = {"mode": mode, "k": k, "decimals": decimals}
+    oracle = RemoteOracle(url, client_id=cid, **stated)
+    shape = oracle.input_shape
+    like = Dataset(torch.empty(0, *shape), None, tuple(str(i) for i in range(oracle.num_classes)), "template",
+                   oracle.value_range)  # fmt: skip
+    pool = None if pool_dataset is None else _named_pool(pool_dataset, shape, seed, data_root)
+    if dataset is not None:
+        splits = load_splits(dataset, seed=split_seed, root=data_root, pool_data=pool_data,
+                             test_data=test_data, scale=scale)  # fmt: skip
+        if splits.test.input_shape != shape:
+            raise DataError(f"{dataset}: inputs of shape {splits.test.input_shape}, the API takes {shape}")
+        test, pool = splits.test, splits.pool if pool is None else pool
+    else:
+        if (pool_data is None and pool is None) or test_data is None:
+            raise DataError("to attack a url, give --dataset, or an attacker pool and test_data")
+        test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
+        if pool is None:
+            assert pool_data is not None
+            pool = load_file(pool_data, like=like, require_labels=False, name="pool", scale=scale)
+    if test.num_classes != oracle.num_classes:
+        raise DataError(f"the test set has {test.num_classes} classes, the API answers {oracle.num_classes}")
+    check_disjoint(pool, {"the test set": test})
+
+    def evaluator() -> Evaluator:
+        with RemoteOracle(url, client_id=f"{cid}-evaluator", **stated) as judge:
+            labels = judge.query(test.x).argmax(1)
+        return Evaluator(test, labels)
+
+    return _Target(oracle, pool, evaluator, {"victim": url, "dataset": dataset, "client_id": cid})
+
+
+def served_api(
+    victim: str | Path,
+    *,
+    defence: str = "none",
+    mode: str = "probs",
+    k: int | None = None,
+    decimals: int | None = None,
+    precision: str = "float32",
+    budget: int | None = None,
+    detect: bool = False,
+    block: bool = False,
+    name: str = "victim",
+    seed: int = 0,
+    data_root: str | Path | None = None,
+    device: str | None = None,
+) -> ServedAPI:
+    """The prediction API of the victim checkpoint in ``victim``, ready for
+    :func:`mextract.server.create_app`: its answer mode, ``defence`` stack and per-client
+    ``budget``; with ``detect``, PRADA watches every client (``block``: and stops flagged
+    ones). The owner's side that some defences need (its training data, the victim's
+    architecture) comes from the checkpoint: the lab's split of its dataset, or the
+    owner's training file."""
+    from mextract.defences.detection import Prada
+    from mextract.defences.registry import Owner
+    from mextract.server import ServedAPI
+
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if precision not in dtypes:
+        raise UnknownNameError("precision", precision, list(dtypes))
+    net, meta = load_checkpoint(victim)
+    like = _template(meta)
+    oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
+                          mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtypes[precision],
+                          device=device, value_range=like.declared_range)  # fmt: skip
+    owner = None
+    if defence.strip() not in ("", "none"):
+        owner = Owner(victim=net, train=_owner_data(meta, like, data_root), architecture=meta["architecture"],
+                      seed=seed, device=device)  # fmt: skip
+    return ServedAPI(oracle, name=name, defence=defence, owner=owner, budget=budget,
+                     detect=Prada() if detect else None, block=block)  # fmt: skip
+
+
+def _owner_data(meta: dict[str, Any], like: Dataset, data_root: str | Path | None) -> Dataset:
+    """The victim's training data, as its owner has it."""
+    victim_file = meta.get("split", {}).get("files", {}).get("victim_data")
+    if victim_file is not None:
+        if not Path(victim_file).exists():
+            raise DataError(f"the owner's training data {victim_file} (named in the checkpoint) is gone")
+        split = meta.get("split")
+        return load_file(victim_file, like=like, require_labels=True, name="victim_train", meta=split)
+    if meta.get("dataset") is None:
+        raise DataError("the checkpoint names neither a dataset nor the owner's training file")
+    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    root = data_root or meta.get("data_root")
+    return load_splits(meta["dataset"], seed=split_seed, root=root).victim_train
 
 
 def _template(meta: dict[str, Any]) -> Dataset:

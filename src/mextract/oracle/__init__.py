@@ -6,11 +6,12 @@ remote client of the API would have: ``query``, the public :class:`APIDescriptio
 subclasses; a remote API is one more :class:`Oracle`.
 """
 
-from mextract.oracle.base import Oracle, OracleWrapper
+from mextract.oracle.base import Oracle, OracleWrapper, load_stack_state_dict, stack_state_dict
 from mextract.oracle.client import APIDescription, Client
 from mextract.oracle.ledger import Ledger
 from mextract.oracle.local import VictimOracle
 from mextract.oracle.modes import AnswerMode, answers_to_probs, restrict
+from mextract.oracle.remote import RemoteAPIError, RemoteOracle
 
 __all__ = [
     "APIDescription",
@@ -19,7 +20,11 @@ __all__ = [
     "Ledger",
     "Oracle",
     "OracleWrapper",
+    "RemoteAPIError",
+    "RemoteOracle",
     "VictimOracle",
     "answers_to_probs",
+    "load_stack_state_dict",
     "restrict",
+    "stack_state_dict",
 ]

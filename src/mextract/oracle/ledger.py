@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,50 @@ import torch
 from mextract.errors import BudgetExceededError, InputError
 
 
+class StateLock:
+    """A re-entrant lock around an object's mutable state that copies and pickles as a
+    fresh, unlocked lock (a plain :class:`threading.RLock` makes ``copy.deepcopy`` and
+    ``pickle`` of its owner fail). It is never part of a state dict."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> StateLock:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def __reduce__(self) -> tuple[type[StateLock], tuple[()]]:
+        return StateLock, ()
+
+
+def check_state_keys(owner: str, state: object, keys: Iterable[str]) -> dict[str, Any]:
+    """``state`` as a dict with exactly ``keys``, or an :class:`InputError` naming ``owner``
+    and the missing and unexpected keys."""
+    if not isinstance(state, dict):
+        raise InputError(f"{owner}: expected a state dict, got {type(state).__name__}")
+    expected = list(keys)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = [f"missing keys {missing}"] if missing else []
+        parts += [f"unexpected keys {unexpected}"] if unexpected else []
+        wanted = f"expected keys {expected}" if expected else "it holds no state: expected {}"
+        raise InputError(f"{owner}: state has {' and '.join(parts)} ({wanted})")
+    return state
+
+
+def state_int(owner: str, name: str, value: object) -> int:
+    """A non-negative int read from a state, or an :class:`InputError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{owner}: state {name!r}: expected a non-negative integer, got {value!r}")
+    return value
+
+
 class Ledger:
     """Counts every *sample* sent to a victim, enforces budgets, and optionally logs queries.
 
@@ -20,6 +65,13 @@ class Ledger:
     samples. If the batch would pass the hard ``budget`` or any active :meth:`cap`, it
     raises :class:`~mextract.errors.BudgetExceededError` and nothing is counted, so no
     sample of an over-budget batch ever reaches the victim.
+
+    Thread-safe: one ledger may count the queries of concurrent clients; :meth:`charge`
+    checks the limits and counts under one lock, so concurrent batches never overspend.
+
+    State (:meth:`state_dict`): ``budget``, ``count`` and ``calls``. Not state: open
+    :meth:`cap` blocks (they belong to the running code) and the query log, a debugging
+    aid that is neither saved nor restored.
 
     Args:
         budget: hard limit on the samples this ledger will ever answer (``None``: no limit).
@@ -36,52 +88,66 @@ class Ledger:
         self._caps: list[int] = []  # absolute counts that open caps allow
         self._xs: list[torch.Tensor] = []
         self._answers: list[torch.Tensor] = []
+        self._lock = StateLock()
 
     @property
     def limit(self) -> int | None:
         """The tightest absolute count currently allowed (budget and caps), or ``None``."""
-        limits = [*self._caps, *([self.budget] if self.budget is not None else [])]
-        return min(limits) if limits else None
+        with self._lock:
+            limits = [*self._caps, *([self.budget] if self.budget is not None else [])]
+            return min(limits) if limits else None
 
     @property
     def remaining(self) -> int | None:
-        limit = self.limit
-        return None if limit is None else max(limit - self.count, 0)
+        with self._lock:
+            limit = self.limit
+            return None if limit is None else max(limit - self.count, 0)
 
     def charge(self, n: int) -> None:
-        """Count ``n`` samples about to be answered, or raise if that breaks a limit."""
-        limit = self.limit
-        if limit is not None and self.count + n > limit:
-            raise BudgetExceededError(n, self.count, limit)
-        self.count += n
-        self.calls += 1
+        """Count ``n`` samples about to be answered, or raise if that breaks a limit
+        (checked and counted atomically)."""
+        with self._lock:
+            limit = self.limit
+            if limit is not None and self.count + n > limit:
+                raise BudgetExceededError(n, self.count, limit)
+            self.count += n
+            self.calls += 1
 
     def refund(self, n: int) -> None:
         """Undo a charge whose batch the victim failed to answer (an exception)."""
-        self.count -= n
-        self.calls -= 1
+        with self._lock:
+            self.count -= n
+            self.calls -= 1
 
     @contextlib.contextmanager
     def cap(self, n: int) -> Iterator[Ledger]:
-        """Allow at most ``n`` more samples inside the block (nested caps all apply)."""
+        """Allow at most ``n`` more samples inside the block (nested caps all apply; a cap
+        limits every caller of this ledger while it is open, other threads included)."""
         if not isinstance(n, int) or n < 0:
             raise InputError(f"budget: expected a non-negative integer, got {n!r}")
-        self._caps.append(self.count + n)
+        with self._lock:
+            mark = self.count + n
+            self._caps.append(mark)
         try:
             yield self
         finally:
-            self._caps.pop()
+            with self._lock:
+                self._caps.remove(mark)  # this block's cap, even if another thread's closed first
 
     def record(self, x: torch.Tensor, answers: torch.Tensor) -> None:
         if self.log_enabled:
-            self._xs.append(x.detach().cpu())
-            self._answers.append(answers.detach().cpu())
+            x, answers = x.detach().cpu(), answers.detach().cpu()
+            with self._lock:  # queries and answers stay paired under concurrent calls
+                self._xs.append(x)
+                self._answers.append(answers)
 
     def log(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All logged queries and answers, concatenated (empty if logging is off)."""
-        if not self._xs:
+        with self._lock:
+            xs, answers = list(self._xs), list(self._answers)
+        if not xs:
             return torch.empty(0), torch.empty(0)
-        return torch.cat(self._xs), torch.cat(self._answers)
+        return torch.cat(xs), torch.cat(answers)
 
     def save_log(self, path: str | Path) -> None:
         """Write the logged queries and answers to an ``.npz`` (arrays ``x`` and ``answers``)."""
@@ -89,10 +155,18 @@ class Ledger:
         np.savez_compressed(path, x=x.numpy(), answers=a.numpy())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "count": self.count, "calls": self.calls}
+        """``{"budget", "count", "calls"}`` (the query log is not state; see the class docstring)."""
+        with self._lock:
+            return {"budget": self.budget, "count": self.count, "calls": self.calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.budget, self.count, self.calls = state["budget"], state["count"], state["calls"]
+        """Restore :meth:`state_dict`'s ``budget``, ``count`` and ``calls`` (the log is untouched)."""
+        state = check_state_keys("Ledger", state, ("budget", "count", "calls"))
+        budget = None if state["budget"] is None else state_int("Ledger", "budget", state["budget"])
+        count = state_int("Ledger", "count", state["count"])
+        calls = state_int("Ledger", "calls", state["calls"])
+        with self._lock:
+            self.budget, self.count, self.calls = budget, count, calls
 
     def __repr__(self) -> str:
         return f"Ledger(count={self.count}, calls={self.calls}, budget={self.budget})"

@@ -152,6 +152,25 @@ class VictimOracle(Oracle):
     def ledger(self) -> Ledger:
         return self._ledger
 
+    def fork(self, *, budget: int | None = None, log: bool = False) -> VictimOracle:
+        """The same victim behind a new ledger (one client's view of a shared model).
+
+        The twin shares the model, answer mode and value range — nothing is copied — and
+        counts its own answered samples against its own ``budget``.
+        """
+        twin = copy.copy(self)
+        twin._ledger = Ledger(budget, log=log)
+        return twin
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ledger's counts (the model and the answer mode are configuration)."""
+        return {"ledger": self._ledger.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"ledger"}:
+            raise InputError(f"VictimOracle: expected a state with a 'ledger', got keys {sorted(state)}")
+        self._ledger.load_state_dict(dict(state["ledger"]))
+
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         self._ledger.charge(n)  # raises before the victim sees anything
