@@ -30,8 +30,7 @@ from mextract.defences import (
     TopK,
 )
 from mextract.errors import BudgetExceededError, InputError
-from mextract.oracle import Ledger, Oracle, VictimOracle
-from mextract.oracle.base import load_stack_state_dict, stack_state_dict
+from mextract.oracle import Ledger, Oracle, VictimOracle, load_stack_state_dict, stack_state_dict
 
 KEY = b"owner-secret-key-0123456789"
 

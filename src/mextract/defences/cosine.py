@@ -80,7 +80,7 @@ from mextract.defences.perturb import _check_inner, _inner_logits
 from mextract.errors import InputError
 from mextract.metrics import predict_probs
 from mextract.oracle import AnswerMode, Oracle, OracleWrapper
-from mextract.oracle.base import (
+from mextract.oracle.state import (
     StateLock,
     check_state_keys,
     generator_state,

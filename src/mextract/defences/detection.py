@@ -63,7 +63,7 @@ from scipy import stats
 from mextract._utils import as_tensor
 from mextract.errors import InputError, MextractError
 from mextract.oracle import Oracle, OracleWrapper
-from mextract.oracle.base import StateLock, check_state_keys, state_int, state_tensor
+from mextract.oracle.state import StateLock, check_state_keys, state_int, state_tensor
 
 logger = logging.getLogger(__name__)
 

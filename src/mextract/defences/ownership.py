@@ -44,7 +44,7 @@ from mextract.data.base import Dataset
 from mextract.errors import InputError
 from mextract.metrics import agreement, predict_labels
 from mextract.oracle import Oracle, OracleWrapper
-from mextract.oracle.base import StateLock, check_state_keys, state_tensor
+from mextract.oracle.state import StateLock, check_state_keys, state_tensor
 from mextract.training import TrainConfig, VictimRecipe, fit, train_victim
 
 logger = logging.getLogger(__name__)

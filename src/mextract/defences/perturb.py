@@ -29,7 +29,7 @@ from torch import nn
 
 from mextract.errors import InputError, UnknownNameError
 from mextract.oracle import AnswerMode, Oracle, OracleWrapper, restrict
-from mextract.oracle.base import StateLock, check_state_keys, generator_state, state_generator
+from mextract.oracle.state import StateLock, check_state_keys, generator_state, state_generator
 
 
 def _inner_logits(inner: Oracle, x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ import torch
 from mextract._utils import as_tensor, check_shape
 from mextract.data.base import ValueRange
 from mextract.errors import InputError
-from mextract.oracle.ledger import Ledger, StateLock, check_state_keys, state_int
+from mextract.oracle.ledger import Ledger
 from mextract.oracle.modes import AnswerMode
+from mextract.oracle.state import check_state_keys
 
 
 class Oracle(ABC):
@@ -100,41 +101,6 @@ class OracleWrapper(Oracle):
         return self.inner.query(x)
 
 
-# ============================================================================ state helpers
-
-
-def state_tensor(
-    owner: str, name: str, value: object, *, dtype: torch.dtype, shape: tuple[int | None, ...]
-) -> torch.Tensor:
-    """A private CPU copy of the tensor ``value`` read from a state, checked for ``dtype``
-    and ``shape`` (``None``: any size on that dimension); an :class:`InputError` otherwise."""
-    if not isinstance(value, torch.Tensor):
-        raise InputError(f"{owner}: state {name!r}: expected a tensor, got {type(value).__name__}")
-    want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
-    if value.dim() != len(shape) or any(
-        s is not None and s != v for s, v in zip(shape, value.shape, strict=False)
-    ):
-        raise InputError(f"{owner}: state {name!r}: expected shape {want}, got {tuple(value.shape)}")
-    if value.dtype != dtype:
-        raise InputError(f"{owner}: state {name!r}: expected dtype {dtype}, got {value.dtype}")
-    return value.detach().to(device="cpu", copy=True)
-
-
-def generator_state(generator: torch.Generator) -> torch.Tensor:
-    """A copy of a CPU generator's state (a ``uint8`` tensor)."""
-    return generator.get_state().clone()
-
-
-def state_generator(owner: str, name: str, value: object) -> torch.Tensor:
-    """A CPU generator state read from a state, checked by loading it into a scratch generator."""
-    t = state_tensor(owner, name, value, dtype=torch.uint8, shape=(None,))
-    try:
-        torch.Generator().set_state(t)
-    except RuntimeError as exc:
-        raise InputError(f"{owner}: state {name!r}: not a CPU generator state ({exc})") from exc
-    return t
-
-
 def oracle_layers(oracle: Oracle) -> list[Oracle]:
     """The layers of a stack, outermost first: each :class:`OracleWrapper`'s ``inner`` in turn,
     down to (and including) the base oracle."""
@@ -192,16 +158,4 @@ def load_stack_state_dict(oracle: Oracle, state: dict[str, Any]) -> None:
         raise
 
 
-__all__ = [
-    "Oracle",
-    "OracleWrapper",
-    "StateLock",
-    "check_state_keys",
-    "generator_state",
-    "load_stack_state_dict",
-    "oracle_layers",
-    "stack_state_dict",
-    "state_generator",
-    "state_int",
-    "state_tensor",
-]
+__all__ = ["Oracle", "OracleWrapper", "load_stack_state_dict", "oracle_layers", "stack_state_dict"]

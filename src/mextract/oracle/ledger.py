@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,50 +11,7 @@ import numpy as np
 import torch
 
 from mextract.errors import BudgetExceededError, InputError
-
-
-class StateLock:
-    """A re-entrant lock around an object's mutable state that copies and pickles as a
-    fresh, unlocked lock (a plain :class:`threading.RLock` makes ``copy.deepcopy`` and
-    ``pickle`` of its owner fail). It is never part of a state dict."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-
-    def __enter__(self) -> StateLock:
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
-
-    def __reduce__(self) -> tuple[type[StateLock], tuple[()]]:
-        return StateLock, ()
-
-
-def check_state_keys(owner: str, state: object, keys: Iterable[str]) -> dict[str, Any]:
-    """``state`` as a dict with exactly ``keys``, or an :class:`InputError` naming ``owner``
-    and the missing and unexpected keys."""
-    if not isinstance(state, dict):
-        raise InputError(f"{owner}: expected a state dict, got {type(state).__name__}")
-    expected = list(keys)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = [f"missing keys {missing}"] if missing else []
-        parts += [f"unexpected keys {unexpected}"] if unexpected else []
-        wanted = f"expected keys {expected}" if expected else "it holds no state: expected {}"
-        raise InputError(f"{owner}: state has {' and '.join(parts)} ({wanted})")
-    return state
-
-
-def state_int(owner: str, name: str, value: object) -> int:
-    """A non-negative int read from a state, or an :class:`InputError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"{owner}: state {name!r}: expected a non-negative integer, got {value!r}")
-    return value
+from mextract.oracle.state import StateLock, check_state_keys, state_int
 
 
 class Ledger:
