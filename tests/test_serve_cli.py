@@ -150,3 +150,14 @@ def test_serve_and_url_usage_errors(victim: Path, args: list[str], message: str)
         result = runner.invoke(app, [a.format(**fill) for a in args], env={"COLUMNS": "200"})
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
+
+
+def test_a_stated_mode_is_checked_against_the_apis(server: tuple[str, subprocess.Popen[str]]) -> None:
+    base, _ = server
+    url = f"{base}/v2/models/victim"
+    wrong = runner.invoke(app, ["attack", "--url", url, "--dataset", "breast_cancer", "--mode", "probs"],
+                          env={"COLUMNS": "200"})  # fmt: skip
+    assert wrong.exit_code == 2 and "answers in mode label" in " ".join(wrong.output.split()), wrong.output
+    args = ["attack", "--url", url, "--dataset", "mnist", "--budget", "50", "--client-id", "someone"]
+    shape = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert shape.exit_code == 2 and "the API takes (30,)" in " ".join(shape.output.split()), shape.output

@@ -370,7 +370,7 @@ def attack(
             split_seed=split_seed,
             attack=attack,
             budget=budget,
-            mode=None if url is not None else (mode or "probs"),
+            mode=mode if url is not None else (mode or "probs"),
             k=k,
             decimals=decimals,
             precision=precision.value,
