@@ -95,7 +95,7 @@ def test_serve_then_steal_over_http(server: tuple[str, subprocess.Popen[str]], t
     assert rec["config"]["victim"] == f"{base}/v2/models/victim" and rec["config"]["mode"] == "label"
     assert rec["metrics"]["queries"] == 200 and rec["metrics"]["fidelity"] > 0.85, rec["metrics"]
     usage = httpx.get(f"{base}/v2/models/victim/usage", headers={"X-Client-Id": "mextract-attacker"}).json()
-    assert usage == {"client": "mextract-attacker", "spent": 200, "remaining": 100}
+    assert usage == {"client": "mextract-attacker", "spent": 200, "remaining": 100, "burst": None}
     evaluator = {"X-Client-Id": "mextract-attacker-evaluator"}
     judge = httpx.get(f"{base}/v2/models/victim/usage", headers=evaluator)
     assert judge.json()["spent"] > 0  # the evaluator's queries are its own, not the thief's
@@ -131,11 +131,14 @@ def test_serve_stops_cleanly_on_ctrl_c(victim: Path) -> None:
     ("args", "message"),
     [
         (["serve", "{victim}", "--defence", "honeyy"], "unknown defence 'honeyy'; did you mean 'honey'?"),
-        (["serve", "{victim}", "--block"], "needs --detect"),
+        (["serve", "{victim}", "--on-alarm", "block"], "needs --detect"),
         (["serve", "{victim}", "--mode", "topk"], "--mode topk needs --k"),
         (["serve", "{victim}", "--budget", "0"], "'--budget'"),
         (["serve", "{victim}", "--port", "{busy}"], "cannot listen on 127.0.0.1"),
         (["serve", "{victim}", "--name", "a/b"], "'--name'"),
+        (["serve", "{victim}", "--store", "{victim}/none.db"], "does not exist: create an account first"),
+        (["serve", "{victim}", "--store", "x.db", "--budget", "5"], "budgets are the accounts'"),
+        (["attack", "--url", "http://127.0.0.1:1/v2/models/v", "--api-key", "mx-1"], "--evaluator-key"),
         (["attack", "{victim}", "--url", "http://127.0.0.1:1/v2/models/x"], "exactly one"),
         (["attack", "--url", "127.0.0.1:8000"], "expected http(s)://HOST:PORT/v2/models/NAME"),
         (["attack", "--url", "http://127.0.0.1:{closed}/v2/models/victim"], "could not be reached"),

@@ -44,7 +44,7 @@ def test_each_client_has_its_own_ledger_budget_and_evidence() -> None:
 
 
 def test_prada_flags_the_prober_and_not_the_other_client() -> None:
-    api = ServedAPI(_victim("label"), detect=Prada(), block=True)
+    api = ServedAPI(_victim("label"), detect=Prada(), on_alarm="block")
     g = torch.Generator().manual_seed(0)
     for _ in range(6):  # a natural-looking client: independent uniform images
         api.query("honest", torch.rand(40, 1, 4, 4, generator=g))

@@ -691,7 +691,7 @@ def test_each_client_has_its_own_budget() -> None:
         answered = _post(client, base, _batch(1, seed=310), "b")
         assert answered.status_code == 200 and answered.headers["x-queries-remaining"] == "19"
         usage = client.get(base + f"/v2/models/{MODEL}/usage", headers={CLIENT_HEADER: "a"}).json()
-        assert usage == {"client": "a", "spent": 20, "remaining": 0}
+        assert usage == {"client": "a", "spent": 20, "remaining": 0, "burst": None}
     assert (api.spent("a"), api.spent("b")) == (20, 1)
 
 

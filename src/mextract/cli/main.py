@@ -53,6 +53,12 @@ class Precision(StrEnum):
     float64 = "float64"
 
 
+class AlarmAction(StrEnum):
+    log = "log"
+    block = "block"
+    degrade = "degrade"
+
+
 #: Far above any budget in the sources (1,250,000 queries) or in the lab; a larger number is a typo.
 MAX_BUDGET = 1_000_000_000
 
@@ -261,6 +267,16 @@ def attack(
     client_id: Annotated[
         str | None, typer.Option(help="With --url: the X-Client-Id to send (default: mextract-attacker).")
     ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="MEXTRACT_API_KEY", show_envvar=True,
+                     help="With --url: the account's API key (servers with accounts)."),
+    ] = None,
+    evaluator_key: Annotated[
+        str | None,
+        typer.Option(envvar="MEXTRACT_EVALUATOR_KEY", show_envvar=True,
+                     help="With --api-key: a second account's key, for scoring."),
+    ] = None,
     dataset: Annotated[
         str | None,
         typer.Option(help="With --url: pool and test set from the lab's split of this dataset."),
@@ -308,7 +324,7 @@ def attack(
     atk = _check(ctx, "--option", create_attack, attack, **dict(options))
     _check_budget(ctx, budget)
     if victim is not None:
-        for name, value in (("--client-id", client_id), ("--dataset", dataset)):
+        for name, value in (("--client-id", client_id), ("--dataset", dataset), ("--api-key", api_key)):
             if value is not None:
                 raise typer.BadParameter("is for --url (a checkpoint brings its own data)", ctx=ctx,
                                          param_hint=f"'{name}'")  # fmt: skip
@@ -321,9 +337,14 @@ def attack(
         from mextract.experiments.runner import DEFAULT_ATTACKER
 
         client_id = client_id or DEFAULT_ATTACKER
-        api, left = _url_api(ctx, url, client_id, mode, k, decimals)
+        if api_key is not None and evaluator_key is None:
+            raise typer.BadParameter("with --api-key, give --evaluator-key too (a second account), so that "
+                                     "scoring spends none of the thief's budget", ctx=ctx,
+                                     param_hint="'--evaluator-key'")  # fmt: skip
+        api, left = _url_api(ctx, url, client_id, api_key, mode, k, decimals)
         if left is not None and budget > left:
-            raise typer.BadParameter(f"{url} will answer client {client_id!r} "
+            who = "this account" if api_key else f"client {client_id!r}"
+            raise typer.BadParameter(f"{url} will answer {who} "
                                      f"{left:,} more queries, not {budget:,}", ctx=ctx,
                                      param_hint="'--budget'")  # fmt: skip
         has_data = dataset is not None
@@ -366,6 +387,8 @@ def attack(
             victim,
             url=url,
             client_id=client_id,
+            api_key=api_key,
+            evaluator_key=evaluator_key,
             dataset=dataset,
             split_seed=split_seed,
             attack=attack,
@@ -438,7 +461,13 @@ def _checkpoint_api(
 
 
 def _url_api(
-    ctx: typer.Context, url: str, client_id: str | None, mode: str | None, k: int | None, decimals: int | None
+    ctx: typer.Context,
+    url: str,
+    client_id: str | None,
+    api_key: str | None,
+    mode: str | None,
+    k: int | None,
+    decimals: int | None,
 ) -> tuple[Any, int | None]:
     """The API's public description, read from the endpoint (one metadata request), and how
     many queries it will still answer this client (``None``: it does not say)."""
@@ -449,8 +478,8 @@ def _url_api(
         _check(ctx, "--client-id", check_client_id, client_id)
     if mode is not None:
         _answer_mode(ctx, mode, k, decimals)
-    with _check(ctx, "--url", RemoteOracle, url, client_id=client_id, mode=mode, k=k, decimals=decimals,
-                retries=1) as remote:  # fmt: skip
+    with _check(ctx, "--url", RemoteOracle, url, client_id=client_id, api_key=api_key, mode=mode, k=k,
+                decimals=decimals, retries=1) as remote:  # fmt: skip
         return remote.description, remote.ledger.remaining
 
 
@@ -471,7 +500,15 @@ def serve(
         int | None, typer.Option(help="Queries each client id may have answered (default: no limit).")
     ] = None,
     detect: Annotated[bool, typer.Option("--detect", help="Watch every client with PRADA.")] = False,
-    block: Annotated[bool, typer.Option("--block", help="With --detect: refuse flagged clients.")] = False,
+    on_alarm: Annotated[
+        AlarmAction, typer.Option(help="With --detect, what an alarm does: log, block the client, or "
+                                  "degrade its answers to labels.")
+    ] = AlarmAction.log,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Accounts, query log and state in this SQLite file (`mextract keys`): every "
+                     "client needs an API key, every answer is logged, state survives restarts."),
+    ] = None,
     name: Annotated[str, typer.Option(help="The model's name in the API's paths.")] = "victim",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -493,8 +530,16 @@ def serve(
            meta["architecture"], seed)  # fmt: skip
     if budget is not None:
         _check_budget(ctx, budget)
-    if block and not detect:
-        raise typer.BadParameter("needs --detect", ctx=ctx, param_hint="'--block'")
+    if on_alarm is not AlarmAction.log and not detect:
+        raise typer.BadParameter("needs --detect", ctx=ctx, param_hint="'--on-alarm'")
+    if store is not None:
+        if budget is not None:
+            raise typer.BadParameter("with --store, budgets are the accounts' (mextract keys create "
+                                     "--budget)", ctx=ctx, param_hint="'--budget'")  # fmt: skip
+        accounts = _check(ctx, "--store", _store_accounts, store)
+        if not accounts:
+            raise typer.BadParameter(f"{store} has no accounts: create one with `mextract keys create "
+                                     f"--store {store} NAME`", ctx=ctx, param_hint="'--store'")  # fmt: skip
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise typer.BadParameter(f"expected letters, digits, '-', '_' or '.', got {name!r}", ctx=ctx,
                                  param_hint="'--name'")  # fmt: skip
@@ -511,8 +556,8 @@ def serve(
     from mextract.server import create_app
 
     api = served_api(victim, defence=defence, mode=mode, k=k, decimals=decimals, precision=precision.value,
-                     budget=budget, detect=detect, block=block, name=name, seed=seed, data_root=data_root,
-                     device=device)  # fmt: skip
+                     budget=budget, detect=detect, on_alarm=on_alarm.value, store=store, name=name,
+                     seed=seed, data_root=data_root, device=device)  # fmt: skip
     app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
     d = api.description
     answers = d.mode.value + (f" (k={d.k})" if d.k else "")
@@ -520,11 +565,108 @@ def serve(
     console.print(
         f"serving {meta['architecture']} as {name!r}: inputs {list(d.input_shape)} in {d.value_range}, "
         f"{d.num_classes} classes, answers {answers}, defence {defence}"
-        + (f", {budget:,} queries per client" if budget else ""), markup=False, soft_wrap=True,
+        + (f", {budget:,} queries per client" if budget else "")
+        + (f", accounts and log in {store}" if store else ""), markup=False, soft_wrap=True,
     )  # fmt: skip
     console.print(f"  http://{host}:{port}/v2/models/{name}  (Ctrl-C stops)", markup=False)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    try:
+        uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
+    finally:
+        api.close()  # every client's state into the store
+
+
+keys_app = typer.Typer(help="API keys of a served model's accounts (for `mextract serve --store`).",
+                       no_args_is_help=True)  # fmt: skip
+app.add_typer(keys_app, name="keys")
+StoreOption = Annotated[Path, typer.Option(help="The SQLite store of `mextract serve --store`.")]
+
+
+def _store_accounts(path: Path) -> list[Any]:
+    from mextract.server.store import Store
+
+    if not path.is_file():
+        from mextract.errors import DataError
+
+        raise DataError(f"{path} does not exist: create an account first (mextract keys create)")
+    with Store(path) as st:
+        return st.accounts()
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The account's name (letters, digits, - _ .).")],
+    store: StoreOption,
+    budget: Annotated[int | None, typer.Option(help="Queries the account may have answered.")] = None,
+    rate: Annotated[float | None, typer.Option(help="Queries per second (a token bucket).")] = None,
+    burst: Annotated[
+        int | None, typer.Option(min=1, help="Most queries at once (default: a second's).")
+    ] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="May read every account's usage.")] = False,
+) -> None:
+    """Create an account; its API key is printed once (only its hash is stored)."""
+    from mextract.server.store import Store
+
+    if budget is not None:
+        _check_budget(ctx, budget)
+    if burst is not None and rate is None:
+        raise typer.BadParameter("needs --rate", ctx=ctx, param_hint="'--burst'")
+    if rate is not None and not 0 < rate < float("inf"):
+        raise typer.BadParameter(f"expected a positive number, got {rate}", ctx=ctx, param_hint="'--rate'")
+    with _check(ctx, "--store", Store, store) as st:
+        account, key = _check(ctx, "name", st.create_account, name, budget=budget, rate=rate, burst=burst,
+                              admin=admin)  # fmt: skip
+    limits = [f"budget {account.budget:,}" if account.budget else "no budget",
+              f"{account.rate:g}/s (burst {account.burst})" if account.rate else "no rate limit"]  # fmt: skip
+    err_console.print(f"account {name!r} ({', '.join(limits)}{', admin' if admin else ''}); "
+                      "its key, shown only now:", markup=False)  # fmt: skip
+    typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    store: StoreOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The admin view: every account's limits, queries spent and detector alarms."""
+    from mextract.server.store import Store
+
+    _check(ctx, "--store", _store_accounts, store)
+    with Store(store) as st:
+        rows = st.usage()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=str(store))
+    for column in ("account", "key", "budget", "spent", "remaining", "rate", "status", "alarms"):
+        table.add_column(column, justify="right" if column in ("budget", "spent", "remaining") else "left")
+    for r in rows:
+        status = ("admin, " if r["admin"] else "") + ("active" if r["active"] else "revoked")
+        rate = f"{r['rate']:g}/s, burst {r['burst']}" if r["rate"] else "-"
+        table.add_row(r["name"], r["key"], _count(r["budget"]), f"{r['spent']:,}", _count(r["remaining"]),
+                      rate, status, "\n".join(r["alarms"]) or "-")  # fmt: skip
+    console.print(table)
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The account whose key to revoke.")],
+    store: StoreOption,
+) -> None:
+    """Revoke an account's key: its requests are refused (403); its log stays."""
+    from mextract.server.store import Store
+
+    _check(ctx, "--store", _store_accounts, store)
+    with Store(store) as st:
+        _check(ctx, "name", st.revoke, name)
+    console.print(f"revoked the key of account {name!r}", markup=False)
 
 
 @app.command()

@@ -155,6 +155,8 @@ def attack_run(
     budget: int,
     url: str | None = None,
     client_id: str | None = None,
+    api_key: str | None = None,
+    evaluator_key: str | None = None,
     dataset: str | None = None,
     split_seed: int = 0,
     mode: str | None = None,
@@ -188,11 +190,12 @@ def attack_run(
 
     For a ``url``, the attacker has only what a remote client has: the API's description
     and answers (``mode``/``k``/``decimals`` state what the answers are when the endpoint
-    does not declare it). Its data: ``dataset`` (the lab's seeded split of that dataset,
-    ``split_seed``: its pool and test parts), or ``pool_data``/``pool_dataset`` and
-    ``test_data``. Fidelity is agreement with the API's top-1 answers on the test set,
-    asked by a second client (``<client_id>-evaluator``) so that the attacker's ledger
-    holds the attack's queries only.
+    does not declare it); ``api_key`` is the thief's account on a server with accounts,
+    ``evaluator_key`` a second account that asks the test labels. Its data: ``dataset``
+    (the lab's seeded split of that dataset, ``split_seed``: its pool and test parts), or
+    ``pool_data``/``pool_dataset`` and ``test_data``. Fidelity is agreement with the API's
+    top-1 answers on the test set, asked by a second client (``<client_id>-evaluator``, or
+    the evaluator's account) so that the attacker's ledger holds the attack's queries only.
 
     With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the
     substitute is saved beside it.
@@ -206,8 +209,9 @@ def attack_run(
     options = dict(attack_options or {})
     create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
     if url is not None:
-        target = _remote_target(url, client_id, mode, k, decimals, dataset, split_seed, pool_data,
-                                pool_dataset, test_data, data_root, scale, seed)  # fmt: skip
+        target = _remote_target(url, client_id, (api_key, evaluator_key), mode, k, decimals, dataset,
+                                split_seed, pool_data, pool_dataset, test_data, data_root, scale,
+                                seed)  # fmt: skip
     else:
         assert victim is not None
         target = _local_target(victim, mode or "probs", k, decimals, dtypes[precision], pool_data,
@@ -345,6 +349,7 @@ def _local_target(
 def _remote_target(
     url: str,
     client_id: str | None,
+    keys: tuple[str | None, str | None],
     mode: str | None,
     k: int | None,
     decimals: int | None,
@@ -361,7 +366,10 @@ def _remote_target(
 
     cid = client_id or DEFAULT_ATTACKER
     stated: dict[str, Any] = {"mode": mode, "k": k, "decimals": decimals}
-    oracle = RemoteOracle(url, client_id=cid, **stated)
+    api_key, evaluator_key = keys
+    if api_key is not None and evaluator_key is None:
+        raise InputError("with an API key, give an evaluator key too (a second account for scoring)")
+    oracle = RemoteOracle(url, client_id=cid, api_key=api_key, **stated)
     shape = oracle.input_shape
     like = Dataset(torch.empty(0, *shape), None, tuple(str(i) for i in range(oracle.num_classes)), "template",
                    oracle.value_range)  # fmt: skip
@@ -384,7 +392,7 @@ def _remote_target(
     check_disjoint(pool, {"the test set": test})
 
     def evaluator() -> Evaluator:
-        with RemoteOracle(url, client_id=f"{cid}-evaluator", **stated) as judge:
+        with RemoteOracle(url, client_id=f"{cid}-evaluator", api_key=evaluator_key, **stated) as judge:
             labels = judge.query(test.x).argmax(1)
         return Evaluator(test, labels)
 
@@ -401,7 +409,8 @@ def served_api(
     precision: str = "float32",
     budget: int | None = None,
     detect: bool = False,
-    block: bool = False,
+    on_alarm: str = "log",
+    store: str | Path | None = None,
     name: str = "victim",
     seed: int = 0,
     data_root: str | Path | None = None,
@@ -409,10 +418,11 @@ def served_api(
 ) -> ServedAPI:
     """The prediction API of the victim checkpoint in ``victim``, ready for
     :func:`mextract.server.create_app`: its answer mode, ``defence`` stack and per-client
-    ``budget``; with ``detect``, PRADA watches every client (``block``: and stops flagged
-    ones). The owner's side that some defences need (its training data, the victim's
-    architecture) comes from the checkpoint: the lab's split of its dataset, or the
-    owner's training file."""
+    ``budget``; with ``detect``, PRADA watches every client (``on_alarm``: what an alarm
+    does). With ``store`` (an SQLite file), clients are its accounts, every answer is
+    logged there and state survives restarts. The owner's side that some defences need
+    (its training data, the victim's architecture) comes from the checkpoint: the lab's
+    split of its dataset, or the owner's training file."""
     from mextract.defences.detection import Prada
     from mextract.defences.registry import Owner
     from mextract.server import ServedAPI
@@ -429,8 +439,11 @@ def served_api(
     if defence.strip() not in ("", "none"):
         owner = Owner(victim=net, train=_owner_data(meta, like, data_root), architecture=meta["architecture"],
                       seed=seed, device=device)  # fmt: skip
+    from mextract.server.store import Store
+
     return ServedAPI(oracle, name=name, defence=defence, owner=owner, budget=budget,
-                     detect=Prada() if detect else None, block=block)  # fmt: skip
+                     detect=Prada() if detect else None, on_alarm=on_alarm,
+                     store=None if store is None else Store(store))  # fmt: skip
 
 
 def _owner_data(meta: dict[str, Any], like: Dataset, data_root: str | Path | None) -> Dataset:

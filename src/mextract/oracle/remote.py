@@ -12,6 +12,7 @@ remote API is accounted exactly as one on a local victim.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import re
@@ -87,6 +88,8 @@ class RemoteOracle(Oracle):
             ``/versions/V``).
         client_id: sent as ``X-Client-Id`` (``mextract serve`` keeps a ledger and defence
             state per client id; other servers ignore it).
+        api_key: sent as ``Authorization: Bearer <key>`` (servers with accounts:
+            ``mextract serve --store``); the account is then the client.
         mode, k, decimals: what the answers are. ``mextract serve`` declares them and a
             different statement is an error; for other servers (Triton, KServe, ...) state
             them (default ``probs``).
@@ -108,6 +111,7 @@ class RemoteOracle(Oracle):
         url: str,
         *,
         client_id: str | None = None,
+        api_key: str | None = None,
         mode: AnswerMode | str | None = None,
         k: int | None = None,
         decimals: int | None = None,
@@ -129,6 +133,8 @@ class RemoteOracle(Oracle):
         self.model_name, self.batch_size, self.binary = name, batch_size, binary
         self.retries, self.backoff = retries, float(backoff)
         headers = {CLIENT_HEADER: client_id} if client_id is not None else {}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
         self._http = httpx.Client(timeout=timeout, headers=headers, transport=transport)
         self._infer_url = f"{self.url}/infer"
         self._user_budget = budget
@@ -139,6 +145,9 @@ class RemoteOracle(Oracle):
         if "mextract_api" in (meta.get("parameters") or {}):  # mextract serve says what is left
             usage = self._get_json(f"{self.url}/usage", "usage")
             self._limit(usage.get("spent"), usage.get("remaining"))
+            burst = usage.get("burst")
+            if isinstance(burst, int) and burst > 0:  # the account's rate limit takes no larger batch
+                self.batch_size = min(self.batch_size, burst)
 
     # ------------------------------------------------------------------ metadata
 
@@ -208,6 +217,8 @@ class RemoteOracle(Oracle):
                 if response.status_code not in _RETRY_STATUS or attempt == self.retries:
                     return response
                 told = _retry_after(response.headers.get("retry-after"))
+                with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):  # exact wait
+                    told = float(response.json()["retry_after"])
                 wait = wait if told is None else min(told, 300.0)
                 logger.info("%s: HTTP %d; retrying in %.1f s", what, response.status_code, wait)
             time.sleep(wait)

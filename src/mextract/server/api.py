@@ -1,34 +1,83 @@
 """One victim served to many clients, each behind its own defence stack and ledger.
 
 :class:`ServedAPI` is the prediction API as its owner runs it, with no HTTP in it: the
-web layer (:mod:`mextract.server.app`) only decodes requests and encodes answers.
+web layer (:mod:`mextract.server.app`) only authenticates, decodes requests and encodes
+answers.
 
-Per-client state: every client id gets, on its first query, its own view of the shared
-victim (:meth:`VictimOracle.fork`: the same model, a new ledger with the per-client
-budget) wrapped in a fresh stack of the served defence spec, so PRADA histories, DAWN's
-and the cosine watermark's evidence, noise generators and budgets are per client, as the
-papers deploy them. The owner's models that the defences use (the misinformation model,
-the surrogate) are built once and shared. A client's requests are answered one at a
-time (a lock per client), different clients in parallel; the PRADA monitor, shared by
-all clients, keeps its own lock.
+Per-client state: every client gets, on its first query, its own view of the shared
+victim (:meth:`VictimOracle.fork`: the same model, a new ledger with the client's budget)
+wrapped in a fresh stack of the served defence spec, so PRADA histories, DAWN's and the
+cosine watermark's evidence, noise generators and budgets are per client, as the papers
+deploy them. The owner's models that the defences use (the misinformation model, the
+surrogate) are built once and shared. A client's requests are answered one at a time
+(a lock per client), different clients in parallel; the PRADA monitor, shared by all
+clients, keeps its own lock.
+
+With a :class:`~mextract.server.store.Store`, clients are the store's accounts (API keys,
+each with its budget and rate limit), every answered request is logged — one row per
+sample, committed before the answer is returned — and a client's state is rebuilt on
+its first request after a restart: its latest snapshot, then the requests logged after
+it replayed through its stack. Budgets, PRADA histories and watermark evidence thus
+survive restarts and crashes exactly.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
+import uuid
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from mextract._utils import as_tensor
 from mextract.defences.detection import Prada, PradaClient
 from mextract.defences.registry import Owner, build_defence
-from mextract.errors import InputError
+from mextract.errors import InputError, MextractError
 from mextract.oracle import APIDescription, Oracle, VictimOracle, load_stack_state_dict, stack_state_dict
+from mextract.server.store import Store
 
 #: client ids are what a caller states in a header: short printable text
 MAX_CLIENT_ID = 128
+#: what a PRADA alarm does to the flagged client: only logged, every later query refused,
+#: or later answers reduced to the top-1 label
+ALARM_ACTIONS = ("log", "block", "degrade")
+
+
+class RateLimitedError(MextractError):
+    """A request over the client's rate limit; ``retry_after`` is the wait in seconds."""
+
+    def __init__(self, client_id: str, n: int, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"client {client_id!r} is over its rate limit: {n} queries can be answered "
+                         f"in {retry_after:.2f} s")  # fmt: skip
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` queries per second, at most ``burst`` at once (one token per
+    sample). Thread-safe."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = float(rate), int(burst)
+        self._tokens, self._time = float(burst), time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self, client_id: str, n: int) -> None:
+        """Take ``n`` tokens, or raise :class:`RateLimitedError` with the wait (taking none)."""
+        if n > self.burst:
+            raise InputError(f"a batch of {n} is larger than client {client_id!r}'s burst of "
+                             f"{self.burst} queries: send smaller batches")  # fmt: skip
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._time) * self.rate)
+            self._time = now
+            if self._tokens < n:
+                raise RateLimitedError(client_id, n, (n - self._tokens) / self.rate)
+            self._tokens -= n
 
 
 @dataclass
@@ -36,6 +85,10 @@ class _Tenant:
     oracle: Oracle
     base: VictimOracle
     lock: threading.Lock
+    bucket: TokenBucket | None = None
+    seq: int = 0  # the last log position this client's state includes
+    since_snapshot: int = 0
+    prada: PradaClient | None = field(default=None, repr=False)
 
 
 def check_client_id(client_id: str) -> str:
@@ -57,10 +110,16 @@ class ServedAPI:
         defence: a defence spec of :mod:`mextract.defences.registry` (``"dawn+label_only"``).
         owner: what the owner has (the victim as a module, its training data), needed by
             defences that build models or standardise on the owner's data.
-        budget: samples each client may have answered (``None``: unlimited).
+        budget: samples each client may have answered (``None``: unlimited); with a
+            ``store``, each account's own budget applies instead.
         detect: a PRADA monitor shared by all clients, outermost in every stack (it sees
-            each query with the answer the client gets); ``block`` refuses a flagged
-            client's later queries.
+            each query with the answer the client gets).
+        on_alarm: what a PRADA alarm does to the flagged client: ``"log"`` (recorded only),
+            ``"block"`` (every later query refused) or ``"degrade"`` (later answers reduced
+            to the top-1 label, as one-hot vectors).
+        store: accounts, query log and persistent state (see the module docstring).
+        snapshot_every: with a store, save a client's state after this many requests
+            (and at :meth:`close`); a restart replays at most this many requests.
 
     Example:
         >>> api = ServedAPI(VictimOracle(net, input_shape=(1, 28, 28), num_classes=10),
@@ -77,7 +136,9 @@ class ServedAPI:
         owner: Owner | None = None,
         budget: int | None = None,
         detect: Prada | None = None,
-        block: bool = False,
+        on_alarm: str = "log",
+        store: Store | None = None,
+        snapshot_every: int = 100,
     ) -> None:
         if not isinstance(victim, VictimOracle):
             raise InputError(f"victim: expected a VictimOracle, got {type(victim).__name__}")
@@ -85,18 +146,26 @@ class ServedAPI:
             raise InputError(f"name: expected letters, digits, '-', '_' or '.', got {name!r}")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise InputError(f"budget: expected a positive integer or None, got {budget!r}")
+        if on_alarm not in ALARM_ACTIONS:
+            raise InputError(f"on_alarm: expected one of {', '.join(ALARM_ACTIONS)}, got {on_alarm!r}")
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+            raise InputError(f"snapshot_every: expected a positive integer, got {snapshot_every!r}")
+        if store is not None and budget is not None:
+            raise InputError("budget: with a store, each account has its own budget")
         self.victim, self.name, self.defence, self.budget = victim, name, defence, budget
-        self.detect, self.block = detect, block
+        self.detect, self.on_alarm, self.store, self.snapshot_every = detect, on_alarm, store, snapshot_every
         self._owner = owner
         self._tenants: dict[str, _Tenant] = {}
         self._lock = threading.Lock()
         # one stack built now checks the spec and gives the public description
         self.description = APIDescription.of(self._stack("", victim.fork()))
+        if store is not None:
+            store.bind(self.description.to_json(), defence)
 
     def _stack(self, client_id: Hashable, base: VictimOracle) -> Oracle:
         oracle = build_defence(self.defence, base, self._owner)
         if self.detect is not None:
-            oracle = PradaClient(oracle, self.detect, client_id, block=self.block)
+            oracle = PradaClient(oracle, self.detect, client_id, block=self.on_alarm == "block")
         return oracle
 
     def _tenant(self, client_id: str) -> _Tenant:
@@ -106,16 +175,99 @@ class ServedAPI:
             with self._lock:
                 tenant = self._tenants.get(client_id)
                 if tenant is None:
-                    base = self.victim.fork(budget=self.budget)
-                    tenant = _Tenant(self._stack(client_id, base), base, threading.Lock())
+                    tenant = self._open(client_id)
                     self._tenants[client_id] = tenant
         return tenant
 
+    def _open(self, client_id: str) -> _Tenant:
+        """A client's stack: fresh, or (with a store) its account's, as the log left it."""
+        budget, bucket = self.budget, None
+        if self.store is not None:
+            account = self.store.account(client_id)
+            budget = account.budget
+            if account.rate is not None:
+                bucket = TokenBucket(account.rate, account.burst or max(1, math.ceil(account.rate)))
+        base = self.victim.fork(budget=budget)
+        oracle = self._stack(client_id, base)
+        tenant = _Tenant(oracle, base, threading.Lock(), bucket,
+                         prada=oracle if isinstance(oracle, PradaClient) else None)  # fmt: skip
+        if self.store is not None:
+            self._restore(client_id, tenant)
+        return tenant
+
+    def _restore(self, client_id: str, tenant: _Tenant) -> None:
+        """Latest snapshot, then the requests logged after it replayed through the stack (their
+        answers discarded): the state the client had when the server stopped."""
+        assert self.store is not None
+        snap = self.store.snapshot(client_id)
+        if snap is not None:
+            tenant.seq, state = snap
+            load_stack_state_dict(tenant.oracle, state["stack"])
+            if self.detect is not None:
+                self.detect.load_client_state_dict(client_id, state.get("prada", {}))
+        budget, tenant.base.ledger.budget = tenant.base.ledger.budget, None  # they were answered
+        blocking = tenant.prada is not None and tenant.prada.block
+        if tenant.prada is not None:
+            tenant.prada.block = False
+        try:
+            dtype = np.dtype(str(self.description.dtype).removeprefix("torch."))
+            for seq, batch in self.store.requests(client_id, tenant.seq, self.description.input_shape, dtype):
+                tenant.oracle.query(torch.from_numpy(batch.copy()))
+                tenant.seq = seq
+                tenant.since_snapshot += 1
+        finally:
+            tenant.base.ledger.budget = budget
+            if tenant.prada is not None:
+                tenant.prada.block = blocking
+
+    def _snapshot(self, client_id: str, tenant: _Tenant) -> None:
+        assert self.store is not None
+        state: dict[str, Any] = {"stack": stack_state_dict(tenant.oracle)}
+        if self.detect is not None:
+            state["prada"] = self.detect.client_state_dict(client_id)
+        self.store.save_snapshot(client_id, tenant.seq, state)
+        tenant.since_snapshot = 0
+
     def query(self, client_id: str, x: object) -> torch.Tensor:
-        """Answer ``client_id``'s batch through its own stack (checks and budget included)."""
+        """Answer ``client_id``'s batch through its own stack (checks, rate and budget
+        included); with a store, the answered samples are logged before this returns."""
         tenant = self._tenant(client_id)
+        t = as_tensor(x, name="query", dtype=self.description.dtype)
+        if tenant.bucket is not None and len(t):
+            tenant.bucket.take(client_id, len(t))
         with tenant.lock:
-            return tenant.oracle.query(x)
+            flagged = self.detect is not None and self.detect.flagged(client_id)
+            answers = tenant.oracle.query(t)
+            now_flagged = self.detect is not None and self.detect.flagged(client_id)
+            if now_flagged and self.on_alarm == "degrade":
+                answers = torch.nn.functional.one_hot(answers.argmax(1), answers.shape[1]).to(answers.dtype)
+            if self.store is not None and len(t):
+                try:
+                    tenant.seq = self.store.log(client_id, uuid.uuid4().hex, t.cpu().numpy(), answers.numpy())
+                except BaseException:
+                    with self._lock:  # this client's memory now holds an answer the log does not
+                        self._tenants.pop(client_id, None)
+                    raise
+                tenant.since_snapshot += 1
+                if now_flagged and not flagged:
+                    report = self.detect.report(client_id) if self.detect is not None else None
+                    detail = "" if report is None else (
+                        f"PRADA flagged query #{report.first_alarm} (W = {report.last_w:.4f}); "
+                        f"action: {self.on_alarm}")  # fmt: skip
+                    self.store.alarm(client_id, "prada", detail)
+                if tenant.since_snapshot >= self.snapshot_every:
+                    self._snapshot(client_id, tenant)
+            return answers
+
+    def close(self) -> None:
+        """Snapshot every client's state into the store (nothing to do without one)."""
+        if self.store is None:
+            return
+        for cid in self.clients:
+            tenant = self._tenants[cid]
+            with tenant.lock:
+                if tenant.since_snapshot:
+                    self._snapshot(cid, tenant)
 
     def oracle(self, client_id: str) -> Oracle:
         """``client_id``'s defended oracle (the owner's handle: evidence, verification)."""
@@ -126,13 +278,34 @@ class ServedAPI:
         return sorted(self._tenants)
 
     def spent(self, client_id: str) -> int:
+        """Samples answered to ``client_id`` (with a store: since its account was made)."""
         tenant = self._tenants.get(client_id)
-        return 0 if tenant is None else tenant.base.ledger.count
+        if tenant is not None:
+            return tenant.base.ledger.count
+        if self.store is not None:
+            return self.store.spent(client_id).get(client_id, 0)
+        return 0
 
     def remaining(self, client_id: str) -> int | None:
-        if self.budget is None:
-            return None
-        return max(self.budget - self.spent(client_id), 0)
+        """Samples ``client_id`` may still have answered (``None``: no budget)."""
+        tenant = self._tenants.get(client_id)
+        if tenant is not None:
+            budget = tenant.base.ledger.budget
+        elif self.store is not None:
+            budget = self.store.account(client_id).budget
+        else:
+            budget = self.budget
+        return None if budget is None else max(budget - self.spent(client_id), 0)
+
+    def burst(self, client_id: str) -> int | None:
+        """The largest batch ``client_id`` may send (its rate limit's burst), or ``None``."""
+        tenant = self._tenants.get(client_id)
+        if tenant is not None:
+            return None if tenant.bucket is None else tenant.bucket.burst
+        if self.store is not None:
+            account = self.store.account(client_id)
+            return None if account.rate is None else account.burst
+        return None
 
     def usage(self) -> dict[str, dict[str, Any]]:
         """Per client: samples answered, budget left, and PRADA's verdict when it runs."""
@@ -164,7 +337,8 @@ class ServedAPI:
             raise InputError("served API state: PRADA state and this API's detector do not match")
         for cid, stack in state["clients"].items():
             tenant = self._tenant(str(cid))
+            budget = tenant.base.ledger.budget  # the budget is this API's configuration
             load_stack_state_dict(tenant.oracle, stack)
-            tenant.base.ledger.budget = self.budget  # the budget is this API's configuration
+            tenant.base.ledger.budget = budget
         if self.detect is not None:
             self.detect.load_state_dict(state["prada"])

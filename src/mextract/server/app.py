@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -58,7 +59,8 @@ from mextract.protocol import (
     encode_response,
     wants_binary,
 )
-from mextract.server.api import ServedAPI
+from mextract.server.api import RateLimitedError, ServedAPI
+from mextract.server.store import AuthError
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +76,34 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "A bad request: the error names the problem",
         403: "This client may not be answered any more (budget spent, or flagged)",
+        401: "No API key (servers with accounts)",
         404: "Unknown model or version",
         413: "The body is over the server's limit",
+        429: "Over the account's rate limit: wait Retry-After seconds",
     }.items()
 }
 
 
+Auth = Annotated[
+    str | None, Header(alias="Authorization", description="'Bearer <key>' (servers with accounts)")
+]
 ClientId = Annotated[
     str | None, Header(alias=CLIENT_HEADER, description="Who is asking (default: anonymous)")
 ]
 
 
 def _error(
-    status: int, message: str, kind: str | None = None, headers: Mapping[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    retry_after: float | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
     if kind is not None:
         body["kind"] = kind
+    if retry_after is not None:
+        body["retry_after"] = retry_after
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -128,6 +141,16 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         logger.exception("internal error answering %s %s", request.method, request.url.path)
         return _error(500, f"internal error ({type(exc).__name__}); see the server's log")
 
+    def _who(client: str | None, authorization: str | None) -> str:
+        """The client: with a store, the account of the bearer key (401/403 otherwise);
+        without one, the stated ``X-Client-Id``."""
+        if api.store is None:
+            return DEFAULT_CLIENT if client is None else client
+        scheme, _, key = (authorization or "").partition(" ")
+        if authorization and scheme.lower() != "bearer":
+            raise AuthError("Authorization: expected 'Bearer <key>'", 401)
+        return api.store.authenticate(key.strip() or None).name
+
     def _model(name: str, version: str | None = None) -> None:
         if name != api.name:
             raise ProtocolError(f"unknown model {name!r}; this server serves {api.name!r}", status=404)
@@ -147,38 +170,42 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         extensions = ["binary_tensor_data"]
         return ServerMetadata(name="mextract", version=mextract.__version__, extensions=extensions)
 
-    async def _model_metadata(name: str, version: str | None) -> Any:
+    async def _model_metadata(name: str, version: str | None, authorization: str | None) -> Any:
         try:
+            _who(None, authorization)
             _model(name, version)
-        except ProtocolError as exc:
+        except (ProtocolError, AuthError) as exc:
             return _error(exc.status, str(exc))
         return metadata
 
-    async def _model_ready(name: str, version: str | None) -> Any:
+    async def _model_ready(name: str, version: str | None, authorization: str | None) -> Any:
         try:
+            _who(None, authorization)
             _model(name, version)
-        except ProtocolError as exc:
+        except (ProtocolError, AuthError) as exc:
             return _error(exc.status, str(exc))
         return {"name": name, "ready": True}
 
-    meta_kw: dict[str, Any] = {"response_model": ModelMetadata, "responses": {404: _ERRORS[404]}}
-    ready_kw: dict[str, Any] = {"responses": {404: _ERRORS[404]}}
+    auth_errors: dict[int | str, dict[str, Any]] = {s: _ERRORS[s] for s in (401, 403)}
+    meta_kw: dict[str, Any] = {"response_model": ModelMetadata,
+                               "responses": {404: _ERRORS[404], **auth_errors}}  # fmt: skip
+    ready_kw: dict[str, Any] = {"responses": {404: _ERRORS[404], **auth_errors}}
 
     @app.get("/v2/models/{name}", **meta_kw)
-    async def model_metadata(name: str) -> Any:
-        return await _model_metadata(name, None)
+    async def model_metadata(name: str, authorization: Auth = None) -> Any:
+        return await _model_metadata(name, None, authorization)
 
     @app.get("/v2/models/{name}/versions/{version}", **meta_kw)
-    async def model_version_metadata(name: str, version: str) -> Any:
-        return await _model_metadata(name, version)
+    async def model_version_metadata(name: str, version: str, authorization: Auth = None) -> Any:
+        return await _model_metadata(name, version, authorization)
 
     @app.get("/v2/models/{name}/ready", **ready_kw)
-    async def model_ready(name: str) -> Any:
-        return await _model_ready(name, None)
+    async def model_ready(name: str, authorization: Auth = None) -> Any:
+        return await _model_ready(name, None, authorization)
 
     @app.get("/v2/models/{name}/versions/{version}/ready", **ready_kw)
-    async def model_version_ready(name: str, version: str) -> Any:
-        return await _model_ready(name, version)
+    async def model_version_ready(name: str, version: str, authorization: Auth = None) -> Any:
+        return await _model_ready(name, version, authorization)
 
     async def _read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -203,16 +230,22 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         x = torch.from_numpy(np.array(tensors[INPUT_NAME], dtype=dtype))
         return api.query(client, x)
 
-    async def _infer(request: Request, name: str, version: str | None, client: str | None) -> Response:
+    async def _infer(
+        request: Request, name: str, version: str | None, client: str | None, authorization: str | None
+    ) -> Response:
         client_id = DEFAULT_CLIENT if client is None else client
         try:
+            client_id = _who(client, authorization)
             _model(name, version)
             body = await _read_body(request)
             parsed, tensors = decode_request(body, request.headers.get(JSON_LENGTH_HEADER))
             binary = wants_binary(parsed, OUTPUT_NAME)  # checked before anything is answered
             answers = await run_in_threadpool(_answer, client_id, parsed, tensors)
-        except ProtocolError as exc:
+        except (ProtocolError, AuthError) as exc:
             return _error(exc.status, str(exc))
+        except RateLimitedError as exc:
+            wait = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+            return _error(429, str(exc), kind="rate_limited", headers=wait, retry_after=exc.retry_after)
         except BudgetExceededError as exc:
             return _error(403, f"client {client_id!r}: {exc}", kind="budget_exhausted")
         except ExtractionDetectedError as exc:
@@ -241,7 +274,7 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         "responses": {
             # binary outputs asked for: the answer is the JSON header followed by the tensors' bytes
             200: {"description": "The answers (JSON, or JSON and binary tensors)", "content": binary_answer},
-            **{s: _ERRORS[s] for s in (400, 403, 404, 413)},
+            **{s: _ERRORS[s] for s in (400, 401, 403, 404, 413, 429)},
         },
         "openapi_extra": {
             "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}},
@@ -249,21 +282,42 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     }
 
     @app.post("/v2/models/{name}/infer", **infer_kw)
-    async def infer(request: Request, name: str, client: ClientId = None) -> Response:
-        return await _infer(request, name, None, client)
+    async def infer(
+        request: Request, name: str, client: ClientId = None, authorization: Auth = None
+    ) -> Response:
+        return await _infer(request, name, None, client, authorization)
 
     @app.post("/v2/models/{name}/versions/{version}/infer", **infer_kw)
-    async def infer_version(request: Request, name: str, version: str, client: ClientId = None) -> Response:
-        return await _infer(request, name, version, client)
+    async def infer_version(
+        request: Request, name: str, version: str, client: ClientId = None, authorization: Auth = None
+    ) -> Response:
+        return await _infer(request, name, version, client, authorization)
 
-    @app.get("/v2/models/{name}/usage", responses={404: _ERRORS[404]})
-    async def usage(name: str, client: ClientId = None) -> Any:
+    @app.get("/v2/models/{name}/usage", responses={404: _ERRORS[404], **auth_errors})
+    async def usage(name: str, client: ClientId = None, authorization: Auth = None) -> Any:
         try:
+            cid = _who(client, authorization)
             _model(name)
-        except ProtocolError as exc:
+        except (ProtocolError, AuthError) as exc:
             return _error(exc.status, str(exc))
-        cid = DEFAULT_CLIENT if client is None else client
-        return {"client": cid, "spent": api.spent(cid), "remaining": api.remaining(cid)}
+        left, burst = api.remaining(cid), api.burst(cid)
+        return {"client": cid, "spent": api.spent(cid), "remaining": left, "burst": burst}
+
+    @app.get("/v2/admin/accounts", responses={404: _ERRORS[404], **auth_errors})
+    async def accounts(authorization: Auth = None) -> Any:
+        """Every account's limits, queries spent, and detector alarms (an admin key only)."""
+        if api.store is None:
+            return _error(404, "this server has no accounts (mextract serve --store)")
+        try:
+            who = api.store.account(_who(None, authorization))
+        except AuthError as exc:
+            return _error(exc.status, str(exc))
+        if not who.admin:
+            return _error(403, f"account {who.name!r} is not an admin")
+        rows = await run_in_threadpool(api.store.usage)
+        for row in rows:
+            row["flagged"] = api.detect is not None and api.detect.flagged(row["name"])
+        return rows
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
