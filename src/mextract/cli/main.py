@@ -509,6 +509,9 @@ def serve(
         typer.Option(help="Accounts, query log and state in this SQLite file (`mextract keys`): every "
                      "client needs an API key, every answer is logged, state survives restarts."),
     ] = None,
+    snapshot_every: Annotated[
+        int, typer.Option(min=1, help="With --store: save an account's state every N requests.")
+    ] = 100,
     name: Annotated[str, typer.Option(help="The model's name in the API's paths.")] = "victim",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -556,8 +559,9 @@ def serve(
     from mextract.server import create_app
 
     api = served_api(victim, defence=defence, mode=mode, k=k, decimals=decimals, precision=precision.value,
-                     budget=budget, detect=detect, on_alarm=on_alarm.value, store=store, name=name,
-                     seed=seed, data_root=data_root, device=device)  # fmt: skip
+                     budget=budget, detect=detect, on_alarm=on_alarm.value, store=store,
+                     snapshot_every=snapshot_every, name=name, seed=seed, data_root=data_root,
+                     device=device)  # fmt: skip
     app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
     d = api.description
     answers = d.mode.value + (f" (k={d.k})" if d.k else "")

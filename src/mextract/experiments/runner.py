@@ -411,6 +411,7 @@ def served_api(
     detect: bool = False,
     on_alarm: str = "log",
     store: str | Path | None = None,
+    snapshot_every: int = 100,
     name: str = "victim",
     seed: int = 0,
     data_root: str | Path | None = None,
@@ -442,7 +443,7 @@ def served_api(
     from mextract.server.store import Store
 
     return ServedAPI(oracle, name=name, defence=defence, owner=owner, budget=budget,
-                     detect=Prada() if detect else None, on_alarm=on_alarm,
+                     detect=Prada() if detect else None, on_alarm=on_alarm, snapshot_every=snapshot_every,
                      store=None if store is None else Store(store))  # fmt: skip
 
 
