@@ -1,8 +1,9 @@
 """What does serving cost? The prediction API (Open Inference Protocol over HTTP) against ``model(x)``.
 
-    python benchmarks/serve.py              # about 1.5-3 minutes on 2 cores
+    python benchmarks/serve.py              # about 2-3.5 minutes on 2 cores
     python benchmarks/serve.py --quick      # fewer batches, no adaptive_misinformation: under a minute
     python benchmarks/serve.py --threads 1  # another torch thread count (raw and server alike)
+    python benchmarks/serve.py --store-dir /var/lib/x  # the query log on another file system
 
 Measures, in one run, with the torch thread count and the machine's cores printed with
 every figure:
@@ -11,13 +12,28 @@ every figure:
    ``model(x)`` under ``torch.inference_mode()`` against the same model served by
    :class:`~mextract.server.ServedAPI` + :func:`~mextract.server.create_app` and queried
    with :class:`~mextract.oracle.RemoteOracle`, with binary tensors and with JSON tensors,
-   one client and two concurrent clients; and where a served request's time goes (each
-   piece of the request path timed on its own, and an HTTP round trip of a request that
-   the server refuses after decoding it).
+   and served with accounts and the query log on (binary tensors, an API key); one client,
+   and two concurrent clients (without accounts); and where a served request's time goes
+   (each piece of the request path timed on its own, the log's pieces included, and an
+   HTTP round trip of a request that the server refuses after decoding it).
 2. The latency a request adds on the mnist ``cnn`` (1, 28, 28): batch 1 and batch 64,
-   served against raw.
+   served without and with accounts and the query log, against raw.
 3. Every defence's overhead: served ms per batch of 64 on the mnist ``cnn`` per defence
    spec, and with PRADA, against no defence.
+
+Accounts and the query log. A served API with a :class:`~mextract.server.store.Store`
+authenticates every request (``Authorization: Bearer <key>``: a SHA-256 and a SELECT) and
+appends one row per answered sample (the input's and the answer's bytes: about 786 KB of
+input per resnet18 batch of 64, 200 KB per cnn batch) in one transaction committed before
+the answer leaves: SQLite in WAL mode with ``synchronous=FULL``, so at least one fsync per
+request. Its store is a fresh SQLite file in a temporary folder (``--store-dir``; the
+folder's file system and the median fsync there are printed: the log costs what that disk's
+fsync costs, and on tmpfs fsync costs nothing), with one account created before its server
+starts (as ``mextract keys create`` before ``mextract serve --store``). It runs in a server
+process of its own, built like the server without accounts but for the store, and the
+benchmark queries it with ``RemoteOracle(url, api_key=key)``, in the same interleaved rounds
+as raw and the server without accounts. At the end the stores' sizes are printed with the
+rows they logged, checked against the samples the benchmark was answered.
 
 Fairness. The models are untrained and seeded: inference cost does not depend on the
 weights (the same architecture, shapes and operations), and the server builds the same
@@ -50,6 +66,7 @@ import json
 import os
 import platform
 import queue
+import shutil
 import signal
 import statistics
 import subprocess
@@ -57,7 +74,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -84,6 +101,8 @@ SERVER_LIFETIME = 1800.0
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for the threshold on 64-bit
 TRIM_THRESHOLD = 64 * 2**20
+#: the one account of a server with accounts and the query log (created before the server starts)
+ACCOUNT = "bench"
 
 
 @dataclass(frozen=True)
@@ -211,7 +230,10 @@ def _serve(config: dict[str, Any]) -> None:
     """The server process: one app per configuration, each on its own free port of 127.0.0.1.
 
     Prints one JSON line (the URLs, the build times, the threads it runs with), then serves
-    until its stdin closes (the benchmark ended or died) or ``lifetime`` seconds pass.
+    until its stdin closes (the benchmark ended or died) or ``lifetime`` seconds pass. With a
+    ``store`` (a path: its account made before this process started), its one app has accounts and
+    the query log; at the end the API saves its clients' state and the store is closed (its WAL
+    checkpointed into the file), as ``mextract serve --store`` does.
     """
     watchdog = threading.Timer(float(config["lifetime"]), lambda: os._exit(3))
     watchdog.daemon = True
@@ -229,7 +251,9 @@ def _serve(config: dict[str, Any]) -> None:
     from mextract.defences.registry import Owner
     from mextract.oracle import VictimOracle
     from mextract.server import ServedAPI, create_app, running
+    from mextract.server.store import Store
 
+    store = None if config.get("store") is None else Store(str(config["store"]))
     shape = tuple(int(s) for s in config["shape"])
     model = _model(str(config["model"]), shape)
     victim = VictimOracle(model, input_shape=shape, num_classes=NUM_CLASSES, mode="probs",
@@ -249,31 +273,52 @@ def _serve(config: dict[str, Any]) -> None:
     urls: dict[str, str] = {}
     builds: dict[str, float] = {}
     errors: dict[str, str] = {}
-    with contextlib.ExitStack() as stack:
-        for item in config["apps"]:
-            label = str(item["label"])
-            start = time.perf_counter()
-            try:
-                api = ServedAPI(victim, name="victim", defence=str(item["spec"]), owner=owner,
-                                detect=Prada() if item["prada"] else None)  # fmt: skip
-            except Exception as exc:  # a row of the table, not the end of the benchmark
-                errors[label] = f"{type(exc).__name__}: {exc}"
-                continue
-            builds[label] = time.perf_counter() - start
-            base = stack.enter_context(running(create_app(api), host="127.0.0.1", port=0))
-            urls[label] = f"{base}/v2/models/victim"
-        print(json.dumps({"urls": urls, "builds": builds, "errors": errors, "pid": os.getpid(),
-                          "threads": torch.get_num_threads(), "threads_in_pool": seen[0],
-                          "runtime": _runtime_line(torch.get_num_threads())}), flush=True)  # fmt: skip
-        sys.stdin.read()  # until the benchmark closes the pipe
+    apis: list[ServedAPI] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for item in config["apps"]:
+                label = str(item["label"])
+                start = time.perf_counter()
+                try:
+                    api = ServedAPI(victim, name="victim", defence=str(item["spec"]), owner=owner,
+                                    detect=Prada() if item["prada"] else None, store=store)  # fmt: skip
+                except Exception as exc:  # a row of the table, not the end of the benchmark
+                    errors[label] = f"{type(exc).__name__}: {exc}"
+                    continue
+                apis.append(api)
+                builds[label] = time.perf_counter() - start
+                base = stack.enter_context(running(create_app(api), host="127.0.0.1", port=0))
+                urls[label] = f"{base}/v2/models/victim"
+            print(json.dumps({"urls": urls, "builds": builds, "errors": errors, "pid": os.getpid(),
+                              "threads": torch.get_num_threads(), "threads_in_pool": seen[0],
+                              "runtime": _runtime_line(torch.get_num_threads())}), flush=True)  # fmt: skip
+            sys.stdin.read()  # until the benchmark closes the pipe
+    finally:
+        for api in apis:
+            api.close()  # with a store: every client's state into it
+        if store is not None:
+            store.close()
 
 
 class Server:
-    """A server process started and stopped by the benchmark (``with Server(...) as s:``)."""
+    """A server process started and stopped by the benchmark (``with Server(...) as s:``, or
+    :func:`_started` for several at once).
+
+    ``store``: an SQLite store with its account already made; the server then has accounts and the
+    query log, and serves one app (a store holds the log of one API).
+    """
 
     def __init__(
-        self, model: str, shape: tuple[int, ...], apps: Sequence[Served], threads: int, malloc: str
+        self,
+        model: str,
+        shape: tuple[int, ...],
+        apps: Sequence[Served],
+        threads: int,
+        malloc: str,
+        store: Path | None = None,
     ) -> None:
+        if store is not None and len(apps) != 1:
+            raise ValueError("a server with a store serves one app (a store logs one API)")
         self.config = {
             "malloc": malloc,
             "model": model,
@@ -281,6 +326,7 @@ class Server:
             "threads": threads,
             "lifetime": SERVER_LIFETIME,
             "apps": [{"label": a.label, "spec": a.spec, "prada": a.prada} for a in apps],
+            "store": None if store is None else str(store),
         }
         self.threads = threads
         self.info: dict[str, Any] = {}
@@ -288,18 +334,27 @@ class Server:
         self._log: IO[str] | None = None
 
     def __enter__(self) -> Server:
+        try:
+            self.start()
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start(self) -> None:
+        """Start the process (it imports and builds its apps while the benchmark goes on)."""
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
-        self._log = tempfile.TemporaryFile("w+")
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed by stop())
         # its own session: the kill at the end reaches every process it may start
         cmd = [sys.executable, str(HERE), "--serve", json.dumps(self.config)]
         self._proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._log, text=True, start_new_session=True)  # fmt: skip
-        try:
-            self.info = self._first_line(self._proc)
-        except BaseException:
-            self._stop()
-            raise
-        return self
+
+    def wait(self) -> None:
+        """Wait for its first line (its URLs), within ``START_TIMEOUT``."""
+        assert self._proc is not None, "start() first"
+        self.info = self._first_line(self._proc)
 
     def _first_line(self, proc: subprocess.Popen[str]) -> dict[str, Any]:
         lines: queue.Queue[str] = queue.Queue()
@@ -328,7 +383,8 @@ class Server:
             raise RuntimeError(f"{label}: not served ({self.info['errors'].get(label, 'unknown')})")
         return str(self.info["urls"][label])
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Close its stdin (it saves its state and exits), kill its session after 10 s; idempotent."""
         proc = self._proc
         if proc is None:
             return
@@ -348,7 +404,20 @@ class Server:
         self._proc = None
 
     def __exit__(self, *exc: object) -> None:
-        self._stop()
+        self.stop()
+
+
+@contextlib.contextmanager
+def _started(*servers: Server) -> Iterator[None]:
+    """Every server process started at once (their imports and builds overlap), then each waited for;
+    all stopped at the end, on error too."""
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.callback(server.stop)
+            server.start()
+        for server in servers:
+            server.wait()
+        yield
 
 
 # ============================================================================ timing
@@ -358,10 +427,10 @@ def _median_ms(times: Sequence[float]) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def _spread(times: Sequence[float]) -> str:
+def _spread(times: Sequence[float], digits: int = 1) -> str:
     """The middle half of the times, in ms: how much the machine moved."""
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return f"{1000 * q[0]:.1f}–{1000 * q[2]:.1f}"
+    return f"{1000 * q[0]:.{digits}f}–{1000 * q[2]:.{digits}f}"
 
 
 def _interleave(paths: dict[str, Callable[[int], object]], rounds: int) -> dict[str, list[float]]:
@@ -377,8 +446,8 @@ def _interleave(paths: dict[str, Callable[[int], object]], rounds: int) -> dict[
     return times
 
 
-def _time_fn(fn: Callable[[], object], reps: int, warm: int = 2) -> float:
-    """Median ms of ``fn`` over ``reps`` calls after ``warm`` unmeasured ones."""
+def _time_all(fn: Callable[[], object], reps: int, warm: int = 2) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after ``warm`` unmeasured ones."""
     for _ in range(warm):
         fn()
     times = []
@@ -386,7 +455,12 @@ def _time_fn(fn: Callable[[], object], reps: int, warm: int = 2) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return _median_ms(times)
+    return times
+
+
+def _time_fn(fn: Callable[[], object], reps: int, warm: int = 2) -> float:
+    """Median ms of ``fn`` over ``reps`` calls after ``warm`` unmeasured ones."""
+    return _median_ms(_time_all(fn, reps, warm))
 
 
 def _raw_path(model: nn.Module, pick: Callable[[int], torch.Tensor]) -> Callable[[int], object]:
@@ -443,11 +517,13 @@ def _concurrent(
     return wall, per_request
 
 
-def _remote(url: str, client_id: str, *, binary: bool = True) -> RemoteOracle:
+def _remote(url: str, client_id: str | None, *, binary: bool = True, key: str | None = None) -> RemoteOracle:
+    """A client of ``url``: a client id (servers without accounts) or an API key (with accounts)."""
     from mextract.oracle import RemoteOracle
 
     # no retries: a failure is reported, not hidden in the timings
-    return RemoteOracle(url, client_id=client_id, batch_size=BATCH, binary=binary, retries=0, timeout=120.0)
+    return RemoteOracle(url, client_id=client_id, api_key=key, batch_size=BATCH, binary=binary, retries=0,
+                        timeout=120.0)  # fmt: skip
 
 
 def _check_answers(model: nn.Module, oracle: RemoteOracle, x: torch.Tensor) -> float:
@@ -483,13 +559,138 @@ def _refused_request(url: str, x: torch.Tensor, *, binary: bool, reps: int) -> f
         return _time_fn(post, reps)
 
 
+# ============================================================================ the query log
+
+
+def _filesystem(folder: Path) -> str:
+    """The file system ``folder`` is on, from /proc/mounts: its fsync is what a logged request waits for."""
+    where, fstype, device = "", "unknown file system", "?"
+    path = str(folder.resolve())
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            dev, mount, kind = line.split()[:3]
+            mount = mount.replace("\\040", " ")
+            inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(where):
+                where, fstype, device = mount, kind, dev
+    return f"{fstype} ({device} on {where or '?'})"
+
+
+def _fsync_times(folder: Path, reps: int) -> list[float]:
+    """Seconds of each fsync after a 4 KiB append to a file in ``folder``: the least a commit waits."""
+    fd, name = tempfile.mkstemp(dir=folder, suffix=".fsync")
+    block = b"\0" * 4096
+    try:
+
+        def append() -> None:
+            os.write(fd, block)
+            os.fsync(fd)
+
+        return _time_all(append, reps)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _new_store(folder: Path, name: str) -> tuple[Path, str]:
+    """A fresh store in ``folder`` with the benchmark's account (its key), made before its server starts
+    and closed, as ``mextract keys create`` does before ``mextract serve --store``."""
+    from mextract.server.store import Store
+
+    path = folder / f"{name}.db"
+    with Store(path) as store:
+        _, key = store.create_account(ACCOUNT)
+    return path, key
+
+
+def _store_summary(label: str, path: Path, answered: int) -> str:
+    """The store's size once its server stopped, and the rows it logged (checked against ``answered``,
+    the samples its account was answered)."""
+    import sqlite3
+
+    def mib(p: Path) -> float:
+        return p.stat().st_size / 2**20 if p.exists() else 0.0
+
+    size, wal = mib(path), mib(Path(f"{path}-wal"))
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            rows, requests, inputs, answers = db.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT request), COALESCE(SUM(LENGTH(input)), 0), "
+                "COALESCE(SUM(LENGTH(answer)), 0) FROM queries"
+            ).fetchone()
+            snapshots = db.execute("SELECT COUNT(*) FROM snapshots").fetchone()[0]
+    except sqlite3.Error as exc:
+        return f"{label}: store {path.name} {size:.1f} MiB (+ WAL {wal:.1f} MiB); could not be read ({exc})"
+    if rows == answered:
+        check = f"= the {answered} samples answered to its account"
+    else:
+        missed = "THE LOG MISSED SOME" if rows < answered else "more rows than answers"
+        check = f"≠ the {answered} samples answered to its account: {missed}"
+    left = "none left: checkpointed when the server closed it" if wal == 0 else f"{wal:.1f} MiB left"
+    per_row = (size + wal) * 2**10 / rows if rows else float("nan")
+    return (
+        f"{label}: store file {size:.1f} MiB at the end (WAL: {left}), "
+        f"{rows} rows logged {check}, in {requests} requests; inputs "
+        f"{inputs / 2**20:.1f} MiB, answers {answers / 2**10:.0f} KiB, {per_row:.1f} KiB of file per row; "
+        f"{snapshots} snapshot row(s) (the latest state per account)"
+    )
+
+
+def _log_pieces(
+    x: torch.Tensor, answers: torch.Tensor, folder: Path, reps: int
+) -> dict[str, dict[str, float]]:
+    """What accounts and the log add to a request, each piece timed alone on a fresh store in ``folder``
+    (WAL, synchronous=FULL, as served): {piece: {"bin": ms}} (measured with binary tensors only)."""
+    import uuid
+
+    import numpy as np
+
+    from mextract.server.store import Store
+
+    arr, ans = x.numpy(), answers.numpy()
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix="pieces-"))
+    out: dict[str, float] = {}
+    try:
+        with Store(tmp / "pieces.db") as store:
+            _, key = store.create_account(ACCOUNT)
+            out["accounts: authenticate the key (SHA-256, one SELECT)"] = _time_fn(
+                lambda: store.authenticate(key), reps
+            )
+
+            def row_bytes() -> None:  # what Store.log copies before its INSERTs
+                for i in range(len(arr)):
+                    np.ascontiguousarray(arr[i]).tobytes()
+                    np.ascontiguousarray(ans[i]).tobytes()
+
+            out["log: the rows' bytes (a copy of every input and answer)"] = _time_fn(row_bytes, reps)
+
+            def log() -> None:
+                store.log(ACCOUNT, uuid.uuid4().hex, arr, ans)
+
+            full = _time_all(log, reps)
+            out["log: Store.log as served (bytes, INSERTs, COMMIT + fsync; median)"] = _median_ms(full)
+            out["log: Store.log as served, mean (WAL checkpoints every ~4 MB included)"] = (
+                1000 * statistics.fmean(full)
+            )
+            # the same calls without their fsync: the connection's own setting, for this measurement only
+            store._db.execute("PRAGMA synchronous=OFF")
+            out["  of which no fsync: Store.log with synchronous=OFF (bytes, INSERTs, COMMIT)"] = _time_fn(
+                log, reps
+            )
+        out["  fsync of a 4 KiB append in the store's folder"] = _median_ms(_fsync_times(folder, reps))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {piece: {"bin": ms} for piece, ms in out.items()}
+
+
 # ============================================================================ a request, piece by piece
 
 
 def _breakdown(
-    model: nn.Module, x: torch.Tensor, reps: int, forward_ms: float | None
+    model: nn.Module, x: torch.Tensor, reps: int, forward_ms: float | None, log_folder: Path
 ) -> dict[str, dict[str, float]]:
-    """Each piece of a served request's path, timed on its own in this process: {piece: {bin, json}}.
+    """Each piece of a served request's path, timed on its own in this process: {piece: {bin, json}};
+    then what accounts and the query log add, on a store in ``log_folder`` ({piece: {bin}}).
 
     ``forward_ms``: the raw forward's median when already measured (resnet18: too slow to time again).
     """
@@ -569,7 +770,21 @@ def _breakdown(
         torch.from_numpy(np.asarray(got, dtype=np.float64)).to(torch.float32)
 
     both("client: decode_response + tensor", decode)
+    out.update(_log_pieces(x, answers, log_folder, reps))
     return out
+
+
+def _columns(
+    report: Report, pieces: dict[str, dict[str, float]], binary: str, as_json: str | None, x: torch.Tensor
+) -> None:
+    """The breakdown's pieces into the report's columns (the log's: binary tensors only)."""
+    report.piece_notes.append(
+        f"{binary}: a logged request writes {x.numpy().nbytes / 1e3:.1f} KB of input and "
+        f"{len(x) * NUM_CLASSES * 4 / 1e3:.2f} KB of answers in {len(x)} row{'s' if len(x) > 1 else ''}"
+    )
+    report.breakdown[binary] = {k: {"ms": v["bin"]} for k, v in pieces.items() if "bin" in v}
+    if as_json is not None:
+        report.breakdown[as_json] = {k: {"ms": v["json"]} for k, v in pieces.items() if "json" in v}
 
 
 def _body(encoded: tuple[bytes, dict[str, str]]) -> tuple[bytes, str | None]:
@@ -580,6 +795,19 @@ def _body(encoded: tuple[bytes, dict[str, str]]) -> tuple[bytes, str | None]:
 
 
 # ============================================================================ the parts
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One batch size of the latency table: medians in ms, and medians of the per-round differences."""
+
+    batch: int
+    raw: float
+    served: float
+    logged: float  # served with accounts and the query log
+    paired: float  # served − raw
+    logged_paired: float  # logged − raw
+    log_paired: float  # logged − served
 
 
 @dataclass
@@ -597,7 +825,13 @@ class Report:
     )  # column -> piece -> bin/json
     refused: dict[str, float] = field(default_factory=dict)  # column -> ms
     served_minus_raw: dict[str, float] = field(default_factory=dict)  # column -> ms
-    latency: list[tuple[int, float, float, float]] = field(default_factory=list)  # batch, raw, served, paired
+    #: column -> (logged − served: the medians' difference, the median of the per-round differences), ms
+    log_minus_served: dict[str, tuple[float, float]] = field(default_factory=dict)
+    latency: list[Latency] = field(default_factory=list)
+    #: where the stores are, their file system, the fsync there; the stores at the end
+    log_notes: list[str] = field(default_factory=list)
+    piece_notes: list[str] = field(default_factory=list)
+    store_notes: list[str] = field(default_factory=list)
     defences: list[tuple[str, str, float, float, float]] = field(default_factory=list)
     defence_notes: list[str] = field(default_factory=list)
 
@@ -607,26 +841,38 @@ def _tag(report: Report) -> str:
 
 
 def part_throughput(args: argparse.Namespace, report: Report) -> None:
-    """resnet18 at batch 64: raw, served with binary and JSON tensors, 1 and 2 clients."""
+    """resnet18 at batch 64: raw, served with binary and JSON tensors and with accounts and the query log,
+    1 client, and 2 clients."""
 
     name, shape = CIFAR
     print(f"\n## 1. Throughput: {name} {shape}, batch {BATCH}", flush=True)
     model = _model(name, shape)
     x = _batches(shape, 1, BATCH, SEED)[0]
-    with Server(name, shape, [Served("none", "none")], report.threads, args.malloc) as server:
+    store, key = _new_store(args.log_dir, name)
+    none = Served("none", "none")
+    server = Server(name, shape, [none], report.threads, args.malloc)
+    with_log = Server(name, shape, [none], report.threads, args.malloc, store=store)
+    answered = 0
+    with _started(server, with_log):
         report.server_threads = f"{server.info['threads']} (pool thread: {server.info['threads_in_pool']})"
         print(f"server pid {server.info['pid']}: {server.info['runtime']}", flush=True)
+        print(f"server with accounts + query log pid {with_log.info['pid']}: {with_log.info['runtime']}; "
+              f"store {store}", flush=True)  # fmt: skip
         url = server.url("none")
         binary, as_json = _remote(url, "binary"), _remote(url, "json", binary=False)
+        logged = _remote(with_log.url("none"), None, key=key)
         try:
             diff = _check_answers(model, binary, x)
-            print(f"served answers = softmax(model(x)) within {diff:.1e}", flush=True)
+            diff_logged = _check_answers(model, logged, x)
+            print(f"served answers = softmax(model(x)) within {diff:.1e} (with accounts + log: "
+                  f"{diff_logged:.1e})", flush=True)  # fmt: skip
 
             fixed = _fixed(x)
             paths = {
                 "raw": _raw_path(model, fixed),
                 "binary": _served_path(binary, fixed),
                 "json": _served_path(as_json, fixed),
+                "logged": _served_path(logged, fixed),
             }
             _interleave(paths, args.warmup)
             times = _interleave(paths, args.batches)
@@ -635,20 +881,40 @@ def part_throughput(args: argparse.Namespace, report: Report) -> None:
                 "raw": "raw model(x), inference_mode",
                 "binary": "served, binary tensors, 1 client",
                 "json": "served, JSON tensors, 1 client",
+                "logged": "served with accounts + query log, binary tensors, 1 client",
             }
-            for key, label in labels.items():
-                ms = _median_ms(times[key])
+            for key_, label in labels.items():
+                ms = _median_ms(times[key_])
                 vs = f"{100 * raw_ms / ms:.1f}%"
-                report.throughput.append((label, ms, 1000 * BATCH / ms, vs, _spread(times[key])))
-                print(f"{label}: {ms:.1f} ms per batch (p25–p75 {_spread(times[key])}), "
+                report.throughput.append((label, ms, 1000 * BATCH / ms, vs, _spread(times[key_])))
+                print(f"{label}: {ms:.1f} ms per batch (p25–p75 {_spread(times[key_])}), "
                       f"{1000 * BATCH / ms:.1f} answers/s, {vs} of raw "
                       f"(median of {args.batches}) {_tag(report)}", flush=True)  # fmt: skip
-            for key in ("binary", "json"):
-                paired = statistics.median(r / s for r, s in zip(times["raw"], times[key], strict=True))
-                note = (f"{key}: median of the per-round ratios raw/served {100 * paired:.1f}% "
+            ratios: dict[str, float] = {}
+            for key_ in ("binary", "json", "logged"):
+                per_round = zip(times["raw"], times[key_], strict=True)
+                ratios[key_] = statistics.median(r / s for r, s in per_round)
+                what = "accounts + query log" if key_ == "logged" else key_
+                note = (f"{what}: median of the per-round ratios raw/served {100 * ratios[key_]:.1f}% "
                         f"(raw and served timed in the same round)")  # fmt: skip
                 report.ratio_notes.append(note)
                 print(note, flush=True)
+            log_ms = _median_ms(times["logged"]) - _median_ms(times["binary"])
+            log_paired = 1000 * statistics.median(
+                b - a for a, b in zip(times["binary"], times["logged"], strict=True)
+            )
+            logged_vs = raw_ms / _median_ms(times["logged"])
+            met = "met" if min(logged_vs, ratios["logged"]) >= 0.8 else "NOT MET"
+            same_round = 100 * ratios["logged"]
+            note = (f"accounts + query log cost {log_ms:+.1f} ms per batch of {BATCH} against served without "
+                    f"(difference of the medians; median of the per-round differences {log_paired:+.1f} ms); "
+                    f"target ≥ 80% of raw: {100 * logged_vs:.1f}% (same-round {same_round:.1f}%), "
+                    f"{met}. The two servers are two processes: a difference smaller than their batches' "
+                    "spread is the machine's, not the log's; the log's own cost is its pieces in the "
+                    "table of where a request's time goes (Store.log)")  # fmt: skip
+            report.ratio_notes.append(note)
+            print(note, flush=True)
+            report.log_minus_served["resnet18 ×64, binary"] = (log_ms, log_paired)
 
             pair = [_remote(url, f"concurrent-{i}") for i in range(2)]
             try:
@@ -668,14 +934,18 @@ def part_throughput(args: argparse.Namespace, report: Report) -> None:
 
             for binary_body, col in ((True, "resnet18 ×64, binary"), (False, "resnet18 ×64, JSON")):
                 report.refused[col] = _refused_request(url, x, binary=binary_body, reps=args.profile_reps)
-                key = "binary" if binary_body else "json"
-                report.served_minus_raw[col] = _median_ms(times[key]) - raw_ms
+                key_ = "binary" if binary_body else "json"
+                report.served_minus_raw[col] = _median_ms(times[key_]) - raw_ms
         finally:
+            answered = logged.ledger.count
             binary.close()
             as_json.close()
-    pieces = _breakdown(model, x, args.profile_reps, forward_ms=raw_ms)
-    report.breakdown["resnet18 ×64, binary"] = {k: {"ms": v["bin"]} for k, v in pieces.items()}
-    report.breakdown["resnet18 ×64, JSON"] = {k: {"ms": v["json"]} for k, v in pieces.items()}
+            logged.close()
+    # the server stopped: its store is closed, its WAL checkpointed
+    report.store_notes.append(_store_summary(f"{name} ×{BATCH}", store, answered))
+    print(report.store_notes[-1], flush=True)
+    pieces = _breakdown(model, x, args.profile_reps, forward_ms=raw_ms, log_folder=args.log_dir)
+    _columns(report, pieces, "resnet18 ×64, binary", "resnet18 ×64, JSON", x)
 
 
 def part_mnist(args: argparse.Namespace, report: Report) -> None:
@@ -686,49 +956,64 @@ def part_mnist(args: argparse.Namespace, report: Report) -> None:
     print(f"\n## 2-3. Latency and defences: {name} {shape}", flush=True)
     model = _model(name, shape)
     x1, x64 = _batches(shape, 1, 1, SEED)[0], _batches(shape, 1, BATCH, SEED)[0]
-    with Server(name, shape, apps, report.threads, args.malloc) as server:
+    store, key = _new_store(args.log_dir, name)
+    server = Server(name, shape, apps, report.threads, args.malloc)
+    with_log = Server(name, shape, [Served("none", "none")], report.threads, args.malloc, store=store)
+    with _started(server, with_log):
         report.server_threads = report.server_threads or (
             f"{server.info['threads']} (pool thread: {server.info['threads_in_pool']})"
         )
         print(f"server pid {server.info['pid']}: {server.info['runtime']}; "
               f"{len(server.info['urls'])} apps", flush=True)  # fmt: skip
+        print(f"server with accounts + query log pid {with_log.info['pid']}: {with_log.info['runtime']}; "
+              f"store {store}", flush=True)  # fmt: skip
         for label, error in server.info["errors"].items():
             print(f"{label}: could not be built: {error}", flush=True)
             report.defence_notes.append(f"{label}: could not be built ({error})")
         builds = server.info["builds"]
         none = _remote(server.url("none"), "latency")
+        logged = _remote(with_log.url("none"), None, key=key)
+        answered = 0
         try:
-            print(
-                f"served answers = softmax(model(x)) within {_check_answers(model, none, x64):.1e}",
-                flush=True,
-            )
+            print(f"served answers = softmax(model(x)) within {_check_answers(model, none, x64):.1e} "
+                  f"(with accounts + log: {_check_answers(model, logged, x64):.1e})", flush=True)  # fmt: skip
 
             # 2. latency
             for x, rounds in ((x1, args.latency_rounds), (x64, args.batches)):
                 fixed = _fixed(x)
-                paths = {"raw": _raw_path(model, fixed), "served": _served_path(none, fixed)}
+                paths = {
+                    "raw": _raw_path(model, fixed),
+                    "served": _served_path(none, fixed),
+                    "logged": _served_path(logged, fixed),
+                }
                 _interleave(paths, args.warmup)
                 times = _interleave(paths, rounds)
-                r, s = _median_ms(times["raw"]), _median_ms(times["served"])
-                paired = 1000 * statistics.median(
-                    b - a for a, b in zip(times["raw"], times["served"], strict=True)
-                )
-                report.latency.append((len(x), r, s, paired))
+                r, s, lg = (_median_ms(times[k]) for k in ("raw", "served", "logged"))
+
+                def paired(a: str, b: str, t: dict[str, list[float]] = times) -> float:
+                    return 1000 * statistics.median(tb - ta for ta, tb in zip(t[a], t[b], strict=True))
+
+                row = Latency(len(x), r, s, lg, paired("raw", "served"), paired("raw", "logged"),
+                              paired("served", "logged"))  # fmt: skip
+                report.latency.append(row)
                 print(f"batch {len(x)}: raw {r:.2f} ms, served {s:.2f} ms, added {s - r:.2f} ms "
-                      f"(median of the per-round differences {paired:.2f} ms; {rounds} rounds) "
-                      f"{_tag(report)}", flush=True)  # fmt: skip
-            col = "cnn ×64, binary"
-            report.refused[col] = _refused_request(
-                server.url("none"), x64, binary=True, reps=args.profile_reps
-            )
-            report.served_minus_raw[col] = report.latency[-1][2] - report.latency[-1][1]
-            col1 = "cnn ×1, binary"
-            report.refused[col1] = _refused_request(
-                server.url("none"), x1, binary=True, reps=args.profile_reps
-            )
-            report.served_minus_raw[col1] = report.latency[0][2] - report.latency[0][1]
+                      f"(median of the per-round differences {row.paired:.2f} ms); with accounts + query log "
+                      f"{lg:.2f} ms, added {lg - r:.2f} ms (paired {row.logged_paired:.2f} ms), "
+                      f"{lg - s:+.2f} ms against served without (paired {row.log_paired:+.2f} ms); "
+                      f"{rounds} rounds {_tag(report)}", flush=True)  # fmt: skip
+            for x, col in ((x64, "cnn ×64, binary"), (x1, "cnn ×1, binary")):
+                row = next(t for t in report.latency if t.batch == len(x))
+                url = server.url("none")
+                report.refused[col] = _refused_request(url, x, binary=True, reps=args.profile_reps)
+                report.served_minus_raw[col] = row.served - row.raw
+                report.log_minus_served[col] = (row.logged - row.served, row.log_paired)
         finally:
+            answered = logged.ledger.count
             none.close()
+            logged.close()
+        with_log.stop()  # its store closed, its WAL checkpointed: its size and rows
+        report.store_notes.append(_store_summary(f"{name} ×1 and ×{BATCH}", store, answered))
+        print(report.store_notes[-1], flush=True)
 
         # 3. defences, round-robin: one batch per defence per round, fresh inputs every round
         served = [d for d in apps if d.label in server.info["urls"]]
@@ -783,7 +1068,7 @@ def part_mnist(args: argparse.Namespace, report: Report) -> None:
                 o.close()
         n = 2 * args.batches
         rate = n * BATCH / wall_pair[0]
-        raw_rate = 1000 * BATCH / report.latency[-1][1]  # the raw batch of 64 of the latency table
+        raw_rate = 1000 * BATCH / report.latency[-1].raw  # the raw batch of 64 of the latency table
         report.defence_notes.append(
             f"cnn, none, 2 concurrent clients ({args.batches} batches each): {rate:.0f} answers/s in all "
             f"({100 * rate / raw_rate:.0f}% of the raw batch of 64 of the latency table)"
@@ -797,10 +1082,10 @@ def part_mnist(args: argparse.Namespace, report: Report) -> None:
               f"{100 * rate / raw_rate:.0f}% of raw "
               f"{_tag(report)}", flush=True)  # fmt: skip
 
-    pieces64 = _breakdown(model, x64, args.profile_reps * 4, forward_ms=None)
-    pieces1 = _breakdown(model, x1, args.profile_reps * 4, forward_ms=None)
-    report.breakdown["cnn ×64, binary"] = {k: {"ms": v["bin"]} for k, v in pieces64.items()}
-    report.breakdown["cnn ×1, binary"] = {k: {"ms": v["bin"]} for k, v in pieces1.items()}
+    pieces64 = _breakdown(model, x64, args.profile_reps * 4, forward_ms=None, log_folder=args.log_dir)
+    pieces1 = _breakdown(model, x1, args.profile_reps * 4, forward_ms=None, log_folder=args.log_dir)
+    _columns(report, pieces64, "cnn ×64, binary", None, x64)
+    _columns(report, pieces1, "cnn ×1, binary", None, x1)
 
 
 # ============================================================================ the Markdown
@@ -839,6 +1124,11 @@ def markdown(report: Report, header: list[str]) -> str:
         f"answers/s = {BATCH} / median; raw and served batches interleaved round by round.",
         "- 2 concurrent clients: two client threads, two client ids (so the server answers them in "
         "parallel); ms per batch there is the wall time over the batches of both.",
+        "- Accounts + query log: its own server process, built the same but for a store (one account made "
+        "before it started); every request authenticated by its API key and its 64 samples logged (input "
+        "and answer bytes) in one SQLite transaction, WAL, synchronous=FULL, committed before the answer "
+        "leaves.",
+        *[f"- {n}" for n in report.log_notes],
     ]
 
     cols = list(report.breakdown)
@@ -846,7 +1136,9 @@ def markdown(report: Report, header: list[str]) -> str:
         lines += ["", f"**Where a served request's time goes** (ms, median; each piece timed alone; "
                   f"torch threads {report.threads}; {os.cpu_count()} cores)", "",
                   "| piece | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]  # fmt: skip
-        pieces = list(report.breakdown[cols[0]])
+        pieces: list[str] = []  # every column's, in order (the log's: binary columns only)
+        for c in cols:
+            pieces += [piece for piece in report.breakdown[c] if piece not in pieces]
         for piece in pieces:
             cells = [
                 f"{report.breakdown[c][piece]['ms']:.3f}" if piece in report.breakdown[c] else "–"
@@ -862,14 +1154,32 @@ def markdown(report: Report, header: list[str]) -> str:
             + " | ".join(f"{report.served_minus_raw.get(c, float('nan')):.2f}" for c in cols)
             + " |"
         )
+        log = report.log_minus_served
+        lines.append(
+            "| measured: served with accounts + log − served without (medians; per-round, paired) | "
+            + " | ".join(f"{log[c][0]:.2f}; {log[c][1]:.2f}" if c in log else "–" for c in cols)
+            + " |"
+        )
+        lines += ["", "- The log's pieces: on a fresh store in the same folder as the servers' (WAL, "
+                  "synchronous=FULL as served; synchronous=OFF set on that connection for the one row that "
+                  "says so); the mean includes the WAL's checkpoints (every 1000 pages, ~4 MB).",
+                  *[f"- {n}" for n in report.piece_notes]]  # fmt: skip
 
     if report.latency:
         lines += ["", f"**Added latency, mnist cnn (1, 28, 28)** (binary tensors; torch threads {threads}; "
                   f"{os.cpu_count()} cores)", "",
-                  "| batch | raw model(x) ms | served ms | added ms | added ms, paired |",
-                  "|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for batch, r, s, paired in report.latency:
-            lines.append(f"| {batch} | {r:.2f} | {s:.2f} | {s - r:.2f} | {paired:.2f} |")
+                  "| batch | server | raw model(x) ms | served ms | added ms | added ms, paired "
+                  "| vs served without accounts, ms (paired) |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for t in report.latency:
+            lines.append(f"| {t.batch} | without accounts | {t.raw:.2f} | {t.served:.2f} | "
+                         f"{t.served - t.raw:.2f} | {t.paired:.2f} | |")  # fmt: skip
+            lines.append(f"| {t.batch} | accounts + query log | {t.raw:.2f} | {t.logged:.2f} | "
+                         f"{t.logged - t.raw:.2f} | {t.logged_paired:.2f} | {t.logged - t.served:+.2f} "
+                         f"({t.log_paired:+.2f}) |")  # fmt: skip
+        lines += ["", "- Raw, served without and with accounts + query log interleaved in the same rounds; "
+                  "paired: the median of the per-round differences. The server with accounts saves its "
+                  "client's state every 100 requests (a snapshot: one more transaction)."]  # fmt: skip
 
     if report.defences:
         trends = dict(n.split("|", 1) for n in report.defence_notes if "|" in n)
@@ -881,6 +1191,10 @@ def markdown(report: Report, header: list[str]) -> str:
             lines.append(f"| {label} | {ms:.1f} | {1000 * BATCH / ms:.0f} | {over:+.1f} ms ({pct:+.0f}%) | "
                          f"{trends.get(label, '')} | {build} |")  # fmt: skip
         lines += ["", *[f"- {n}" for n in report.defence_notes if "|" not in n]]
+
+    if report.store_notes:
+        lines += ["", "**The query logs at the end** (SQLite, WAL, synchronous=FULL)", ""]
+        lines += [f"- {n}" for n in report.store_notes]
     return "\n".join(lines)
 
 
@@ -909,6 +1223,13 @@ def main() -> None:
         help="glibc malloc thresholds: the same fixed ones in every process (default), or glibc's own",
     )
     p.add_argument("--skip-resnet", action="store_true", help="only the mnist cnn parts (2 and 3)")
+    p.add_argument(
+        "--store-dir",
+        type=Path,
+        default=None,
+        help="folder for the query logs' temporary SQLite files (default: the system's temporary folder); "
+        "its disk's fsync is what a logged request waits for",
+    )
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     _set_wait_policy(args.wait_policy)
@@ -937,9 +1258,24 @@ def main() -> None:
     header += allocator
     report = Report(threads=threads, batches=args.batches)
     start = time.perf_counter()
-    if not args.skip_resnet:
-        part_throughput(args, report)
-    part_mnist(args, report)
+    with tempfile.TemporaryDirectory(prefix="mextract-serve-bench-", dir=args.store_dir) as folder:
+        args.log_dir = Path(folder)
+        fsync = _fsync_times(args.log_dir, 10 if quick else 30)
+        report.log_notes.append(
+            f"Query logs: fresh SQLite files in {folder}, on {_filesystem(args.log_dir)}; fsync after a "
+            f"4 KiB append there, at the start: median {_median_ms(fsync):.2f} ms "
+            f"(p25–p75 {_spread(fsync, 2)} ms, {len(fsync)} calls); the files are removed at the end"
+        )
+        print(report.log_notes[-1], flush=True)
+        if not args.skip_resnet:
+            part_throughput(args, report)
+        part_mnist(args, report)
+        fsync = _fsync_times(args.log_dir, len(fsync))
+        report.log_notes.append(
+            f"fsync there at the end: median {_median_ms(fsync):.2f} ms (p25–p75 {_spread(fsync, 2)} ms; "
+            "a shared virtual disk's fsync moves with the other work on it)"
+        )
+        print(report.log_notes[-1], flush=True)
     header.append(f"Load average at the end: {_load()}; total {time.perf_counter() - start:.0f} s"
                   f"{' (--quick)' if quick else ''}")  # fmt: skip
     print("\n" + markdown(report, header))

@@ -17,8 +17,9 @@ from mextract.cli import app as cli
 from mextract.data import IMAGE_RANGE
 from mextract.defences import DawnWatermark
 from mextract.defences.detection import Prada
+from mextract.defences.pow import Calibrator, PateCost, PowGate, Puzzle, solve
 from mextract.errors import BudgetExceededError, DataError, InputError
-from mextract.oracle import RemoteOracle, VictimOracle
+from mextract.oracle import RemoteAPIError, RemoteOracle, VictimOracle
 from mextract.protocol import encode_request
 from mextract.server import ServedAPI, create_app, running
 from mextract.server.store import AuthError, Store
@@ -209,3 +210,55 @@ def test_keys_command_line(tmp_path: Path) -> None:
     args = ["keys", "list", "--store", str(tmp_path / "none.db")]
     nothing = runner.invoke(cli, args, env={"COLUMNS": "200"})
     assert nothing.exit_code == 2 and "does not exist" in nothing.output
+
+
+def _gate(bits_scale: float = 64.0) -> PowGate:
+    """A tiny calibrated proof of work: 5 random linear teachers on the 4×4 inputs."""
+    torch.manual_seed(1)
+    teachers = [nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval() for _ in range(5)]
+    cost = PateCost(teachers, 5)
+    benign = cost.query_rdp(torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(2)))
+    calibrator = Calibrator.fit(benign, baseline_work=bits_scale, max_bits=14)
+    return PowGate(cost, calibrator, secret=b"0123456789abcdef-test")
+
+
+def test_proof_of_work_is_asked_for_solved_by_remote_oracle_and_refused_wrong(store: Store) -> None:
+    _, key = store.create_account("alice", budget=100)
+    gate = _gate()
+    api = ServedAPI(_victim(), store=store, pow=gate)
+    auth = {"Authorization": f"Bearer {key}"}
+    with running(create_app(api)) as base:
+        content, headers = _body(4, seed=1)
+        asked = httpx.post(base + INFER, content=content, headers={**headers, **auth})
+        assert asked.status_code == 428 and asked.json()["kind"] == "proof_of_work"
+        puzzle = asked.headers["x-pow-puzzle"]
+        assert puzzle == asked.json()["puzzle"] and store.spent() == {}
+        bad = {**headers, **auth, "X-PoW-Puzzle": puzzle, "X-PoW-Nonce": "nope"}
+        wrong = httpx.post(base + INFER, content=content, headers=bad)
+        if Puzzle.from_header(puzzle).bits > 0:  # a nonce that happens to solve it is astronomically rare
+            assert wrong.status_code == 403 and wrong.json()["kind"] == "proof_of_work_invalid"
+        nonce, _ = solve(puzzle)
+        proof = {**headers, **auth, "X-PoW-Puzzle": puzzle, "X-PoW-Nonce": nonce}
+        assert httpx.post(base + INFER, content=content, headers=proof).status_code == 200
+        replayed = httpx.post(base + INFER, content=content, headers=proof)
+        assert replayed.status_code == 403 and "replayed" in replayed.json()["error"]
+        other, other_headers = _body(4, seed=2)  # a puzzle prices one request, not another
+        moved = httpx.post(base + INFER, content=other, headers={**other_headers, **auth,
+                           "X-PoW-Puzzle": puzzle, "X-PoW-Nonce": nonce})  # fmt: skip
+        assert moved.status_code == 403 and moved.json()["kind"] == "proof_of_work_invalid"
+        assert store.spent() == {"alice": 4}
+        with RemoteOracle(f"{base}/v2/models/victim", api_key=key, batch_size=8) as remote:
+            remote.query(torch.rand(24, 1, 4, 4))
+            assert remote.pow_puzzles == 3 and remote.pow_hashes >= 3
+        assert store.spent() == {"alice": 28}
+        assert gate.ledger("alice").queries == 28  # the privacy cost of every answered query
+
+
+def test_remote_oracle_refuses_a_puzzle_over_its_limit(store: Store) -> None:
+    _, key = store.create_account("alice")
+    api = ServedAPI(_victim(), store=store, pow=_gate(bits_scale=2.0**20))
+    with running(create_app(api)) as base, RemoteOracle(f"{base}/v2/models/victim", api_key=key,
+                                                         max_pow_bits=4) as remote:  # fmt: skip
+        with pytest.raises(RemoteAPIError, match="solves at most 4 bits"):
+            remote.query(torch.rand(8, 1, 4, 4))
+        assert remote.ledger.count == 0 and remote.pow_hashes == 0 and store.spent() == {}

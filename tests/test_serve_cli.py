@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mextract.cli import app
@@ -164,3 +165,36 @@ def test_a_stated_mode_is_checked_against_the_apis(server: tuple[str, subprocess
     args = ["attack", "--url", url, "--dataset", "mnist", "--budget", "50", "--client-id", "someone"]
     shape = runner.invoke(app, args, env={"COLUMNS": "200"})
     assert shape.exit_code == 2 and "the API takes (30,)" in " ".join(shape.output.split()), shape.output
+
+
+def test_serve_with_a_store_saves_state_on_sigterm(victim: Path, tmp_path: Path) -> None:
+    from mextract.server.store import Store
+
+    db = tmp_path / "api.db"
+    made = runner.invoke(app, ["keys", "create", "alice", "--store", str(db), "--budget", "50"])
+    key = made.stdout.strip().splitlines()[-1]
+    port = _free_port()
+    args = [_exe(), "serve", str(victim), "--store", str(db), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v2/models/victim"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(url).status_code == 401
+        from mextract.oracle import RemoteOracle
+
+        with RemoteOracle(url, api_key=key) as remote:
+            remote.query(torch.rand(7, 30) * 0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    with Store(db) as store:
+        assert store.spent() == {"alice": 7}
+        snap = store.snapshot("alice")
+        assert snap is not None and snap[0] == store.log_rows("alice")[-1][0]  # saved on the way out

@@ -31,6 +31,9 @@ JSON_LENGTH_HEADER = "Inference-Header-Content-Length"
 #: who is asking (until accounts exist: a client id the caller states)
 CLIENT_HEADER = "X-Client-Id"
 DEFAULT_CLIENT = "anonymous"
+#: calibrated proof of work: the server's puzzle (a 428 answer), sent back with its solution
+POW_PUZZLE_HEADER = "X-PoW-Puzzle"
+POW_NONCE_HEADER = "X-PoW-Nonce"
 
 #: the protocol's tensor data types and their numpy types (little-endian on the wire)
 DATATYPES: dict[str, np.dtype[Any]] = {

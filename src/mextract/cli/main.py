@@ -512,6 +512,11 @@ def serve(
     snapshot_every: Annotated[
         int, typer.Option(min=1, help="With --store: save an account's state every N requests.")
     ] = 100,
+    pow: Annotated[
+        bool,
+        typer.Option("--pow", help="Calibrated proof of work: every request solves a puzzle priced on "
+                     "its client's PATE privacy cost (trains the teachers at start)."),
+    ] = False,
     name: Annotated[str, typer.Option(help="The model's name in the API's paths.")] = "victim",
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
@@ -522,6 +527,7 @@ def serve(
     threads: Threads = None,
 ) -> None:
     """Serve a victim as a prediction API (Open Inference Protocol REST: Triton's, KServe's)."""
+    import signal
     import socket
 
     from mextract.defences.registry import check_defence_spec
@@ -560,7 +566,7 @@ def serve(
 
     api = served_api(victim, defence=defence, mode=mode, k=k, decimals=decimals, precision=precision.value,
                      budget=budget, detect=detect, on_alarm=on_alarm.value, store=store,
-                     snapshot_every=snapshot_every, name=name, seed=seed, data_root=data_root,
+                     snapshot_every=snapshot_every, pow=pow, name=name, seed=seed, data_root=data_root,
                      device=device)  # fmt: skip
     app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
     d = api.description
@@ -570,10 +576,14 @@ def serve(
         f"serving {meta['architecture']} as {name!r}: inputs {list(d.input_shape)} in {d.value_range}, "
         f"{d.num_classes} classes, answers {answers}, defence {defence}"
         + (f", {budget:,} queries per client" if budget else "")
-        + (f", accounts and log in {store}" if store else ""), markup=False, soft_wrap=True,
+        + (f", accounts and log in {store}" if store else "") + (", proof of work" if pow else ""),
+        markup=False, soft_wrap=True,
     )  # fmt: skip
     console.print(f"  http://{host}:{port}/v2/models/{name}  (Ctrl-C stops)", markup=False)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    # uvicorn stops cleanly on SIGTERM, then raises the signal again: make that an exit, not a kill,
+    # so that the state is saved below (docker stop, systemd, Kubernetes send SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
     finally:

@@ -35,6 +35,7 @@ from mextract.oracle import AnswerMode, APIDescription, Oracle, VictimOracle
 from mextract.training import train_victim, victim_recipe
 
 if TYPE_CHECKING:
+    from mextract.defences.pow import PowGate
     from mextract.server import ServedAPI
 
 logger = logging.getLogger(__name__)
@@ -412,6 +413,7 @@ def served_api(
     on_alarm: str = "log",
     store: str | Path | None = None,
     snapshot_every: int = 100,
+    pow: bool = False,
     name: str = "victim",
     seed: int = 0,
     data_root: str | Path | None = None,
@@ -437,14 +439,48 @@ def served_api(
                           mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtypes[precision],
                           device=device, value_range=like.declared_range)  # fmt: skip
     owner = None
-    if defence.strip() not in ("", "none"):
+    if defence.strip() not in ("", "none") or pow:
         owner = Owner(victim=net, train=_owner_data(meta, like, data_root), architecture=meta["architecture"],
                       seed=seed, device=device)  # fmt: skip
+    gate = None if owner is None or not pow else pow_gate(owner.train, oracle, seed=seed, device=device)
     from mextract.server.store import Store
 
     return ServedAPI(oracle, name=name, defence=defence, owner=owner, budget=budget,
                      detect=Prada() if detect else None, on_alarm=on_alarm, snapshot_every=snapshot_every,
-                     store=None if store is None else Store(store))  # fmt: skip
+                     store=None if store is None else Store(store), pow=gate)  # fmt: skip
+
+
+def pow_gate(owner_train: Dataset, oracle: Oracle, *, seed: int = 0, device: str | None = None) -> PowGate:
+    """Calibrated proof of work for an API, as Dziedzic et al. (ICLR 2022) set it up: PATE
+    teachers on 80% of the owner's training data, the benign baseline from the other 20%
+    (natural inputs the teachers never saw), and the price of a query's answer measured on
+    this machine (seconds per answered query × SHA-256 evaluations per second), so that a
+    benign client's puzzles cost about what its answers cost the server. The puzzles'
+    HMAC key is new at every start: a restart voids puzzles issued before it."""
+    import hashlib
+    import secrets
+    import time
+
+    from mextract.defences.pow import Calibrator, PateCost, PowGate
+
+    perm = torch.randperm(len(owner_train), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(owner_train))
+    teachers, held_out = owner_train.subset(perm[:cut], "teachers"), owner_train.subset(perm[cut:], "benign")
+    cost = PateCost.fit(teachers, seed=seed, device=device)
+    probe = held_out.x[:64]
+    oracle.query(probe)  # warm up
+    start = time.perf_counter()
+    oracle.query(probe)
+    per_query = (time.perf_counter() - start) / len(probe)
+    hashes, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.2:  # this machine's SHA-256 rate, as the client solves
+        for i in range(1000):
+            hashlib.sha256(b"mextract-rate:%d" % i).digest()
+        hashes += 1000
+    baseline = max(1.0, per_query * hashes / (time.perf_counter() - start))
+    benign = cost.query_rdp(held_out.x)
+    calibrator = Calibrator.fit(benign, baseline_work=baseline, orders=cost.orders, seed=seed)
+    return PowGate(cost, calibrator, secrets.token_bytes(32))
 
 
 def _owner_data(meta: dict[str, Any], like: Dataset, data_root: str | Path | None) -> Dataset:

@@ -7,7 +7,9 @@ description: answer mode, its parameters, the value range), then answers batches
 ``POST .../infer``: in chunks of ``batch_size``, with binary tensors by default, retrying
 transport failures and 429/502/503/504 answers with exponential backoff that honours
 ``Retry-After``. Its ledger counts the samples the server answered, so an attack on a
-remote API is accounted exactly as one on a local victim.
+remote API is accounted exactly as one on a local victim. A server that asks for
+calibrated proof of work (a 428 answer with a puzzle) gets it solved, and the hash
+evaluations are counted (``pow_hashes``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from mextract.oracle.modes import AnswerMode
 from mextract.protocol import (
     CLIENT_HEADER,
     JSON_LENGTH_HEADER,
+    POW_NONCE_HEADER,
+    POW_PUZZLE_HEADER,
     ProtocolError,
     decode_response,
     encode_request,
@@ -103,6 +107,9 @@ class RemoteOracle(Oracle):
         backoff: the first wait in seconds, doubled per attempt (capped at 30 s) unless the
             server says ``Retry-After``.
         timeout: seconds per request.
+        max_pow_bits: the hardest proof-of-work puzzle this client solves (``2**bits`` hash
+            evaluations expected; 26 bits is about a minute of pure-Python SHA-256); a
+            harder one raises :class:`RemoteAPIError` instead of computing for hours.
         transport: an httpx transport (tests; default: the network).
     """
 
@@ -122,6 +129,7 @@ class RemoteOracle(Oracle):
         retries: int = 5,
         backoff: float = 0.5,
         timeout: float = 60.0,
+        max_pow_bits: int = 26,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         _, name, _ = split_url(url)
@@ -131,7 +139,7 @@ class RemoteOracle(Oracle):
             raise InputError(f"retries: expected a non-negative integer, got {retries!r}")
         self.url = url.rstrip("/")
         self.model_name, self.batch_size, self.binary = name, batch_size, binary
-        self.retries, self.backoff = retries, float(backoff)
+        self.retries, self.backoff, self.max_pow_bits = retries, float(backoff), max_pow_bits
         headers = {CLIENT_HEADER: client_id} if client_id is not None else {}
         if api_key is not None:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -142,6 +150,8 @@ class RemoteOracle(Oracle):
         meta = self._get_json(self.url, "model metadata")
         self._describe(meta, mode, k, decimals, value_range)
         self.server_spent: int | None = None
+        #: calibrated proof of work: puzzles solved and the hash evaluations they took
+        self.pow_puzzles, self.pow_hashes = 0, 0
         if "mextract_api" in (meta.get("parameters") or {}):  # mextract serve says what is left
             usage = self._get_json(f"{self.url}/usage", "usage")
             self._limit(usage.get("spent"), usage.get("remaining"))
@@ -258,6 +268,23 @@ class RemoteOracle(Oracle):
         content, headers = encode_request(arr, input_name=self.input_name, output_name=self.output_name,
                                           binary=self.binary)  # fmt: skip
         response = self._send("POST", self._infer_url, "query", content=content, headers=headers)
+        for _ in range(3):  # calibrated proof of work: solve the request's puzzle, send it again
+            if response.status_code != 428 or POW_PUZZLE_HEADER not in response.headers:
+                break
+            from mextract.defences.pow import Puzzle, solve
+
+
+            puzzle = response.headers[POW_PUZZLE_HEADER]
+            bits = Puzzle.from_header(puzzle).bits
+            if bits > self.max_pow_bits:
+                limit = f"this client solves at most {self.max_pow_bits} bits (max_pow_bits)"
+                raise RemoteAPIError(f"{self.url} asks a proof of work of {bits} bits (about {2**bits:,} "
+                                     f"hash evaluations) for {n} queries; {limit}", 428)  # fmt: skip
+            nonce, hashes = solve(puzzle)
+            self.pow_hashes += hashes
+            self.pow_puzzles += 1
+            proof = {**headers, POW_PUZZLE_HEADER: puzzle, POW_NONCE_HEADER: nonce}
+            response = self._send("POST", self._infer_url, "query", content=content, headers=proof)
         if response.status_code != 200:
             self._refused(response, n)
         try:

@@ -36,8 +36,9 @@ import torch
 
 from mextract._utils import as_tensor
 from mextract.defences.detection import Prada, PradaClient
+from mextract.defences.pow import PowGate, Puzzle
 from mextract.defences.registry import Owner, build_defence
-from mextract.errors import InputError, MextractError
+from mextract.errors import BudgetExceededError, InputError, MextractError
 from mextract.oracle import APIDescription, Oracle, VictimOracle, load_stack_state_dict, stack_state_dict
 from mextract.server.store import Store
 
@@ -46,6 +47,15 @@ MAX_CLIENT_ID = 128
 #: what a PRADA alarm does to the flagged client: only logged, every later query refused,
 #: or later answers reduced to the top-1 label
 ALARM_ACTIONS = ("log", "block", "degrade")
+
+
+class ProofOfWorkRequired(MextractError):
+    """The request must come with a solution of ``puzzle`` (calibrated proof of work)."""
+
+    def __init__(self, client_id: str, puzzle: Puzzle) -> None:
+        self.puzzle = puzzle
+        super().__init__(f"client {client_id!r}: proof of work required: a puzzle of {puzzle.bits} bits "
+                         f"(about {2**puzzle.bits:,} hash evaluations) prices this request")  # fmt: skip
 
 
 class RateLimitedError(MextractError):
@@ -120,6 +130,9 @@ class ServedAPI:
         store: accounts, query log and persistent state (see the module docstring).
         snapshot_every: with a store, save a client's state after this many requests
             (and at :meth:`close`); a restart replays at most this many requests.
+        pow: calibrated proof of work (:class:`~mextract.defences.pow.PowGate`): every
+            request must come with the solution of a puzzle priced on the client's
+            privacy cost so far; the client's privacy ledger is state like the rest.
 
     Example:
         >>> api = ServedAPI(VictimOracle(net, input_shape=(1, 28, 28), num_classes=10),
@@ -139,6 +152,7 @@ class ServedAPI:
         on_alarm: str = "log",
         store: Store | None = None,
         snapshot_every: int = 100,
+        pow: PowGate | None = None,
     ) -> None:
         if not isinstance(victim, VictimOracle):
             raise InputError(f"victim: expected a VictimOracle, got {type(victim).__name__}")
@@ -154,8 +168,10 @@ class ServedAPI:
             raise InputError("budget: with a store, each account has its own budget")
         self.victim, self.name, self.defence, self.budget = victim, name, defence, budget
         self.detect, self.on_alarm, self.store, self.snapshot_every = detect, on_alarm, store, snapshot_every
+        self.pow = pow
         self._owner = owner
         self._tenants: dict[str, _Tenant] = {}
+        self._opening: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
         # one stack built now checks the spec and gives the public description
         self.description = APIDescription.of(self._stack("", victim.fork()))
@@ -170,12 +186,16 @@ class ServedAPI:
 
     def _tenant(self, client_id: str) -> _Tenant:
         tenant = self._tenants.get(client_id)
-        if tenant is None:
-            check_client_id(client_id)
-            with self._lock:
-                tenant = self._tenants.get(client_id)
-                if tenant is None:
-                    tenant = self._open(client_id)
+        if tenant is not None:
+            return tenant
+        check_client_id(client_id)
+        with self._lock:  # one opening lock per client: restoring one does not hold up the others
+            opening = self._opening.setdefault(client_id, threading.Lock())
+        with opening:
+            tenant = self._tenants.get(client_id)
+            if tenant is None:
+                tenant = self._open(client_id)
+                with self._lock:
                     self._tenants[client_id] = tenant
         return tenant
 
@@ -205,6 +225,8 @@ class ServedAPI:
             load_stack_state_dict(tenant.oracle, state["stack"])
             if self.detect is not None:
                 self.detect.load_client_state_dict(client_id, state.get("prada", {}))
+            if self.pow is not None and "pow" in state:
+                self.pow.ledger(client_id).load_state_dict(state["pow"])
         budget, tenant.base.ledger.budget = tenant.base.ledger.budget, None  # they were answered
         blocking = tenant.prada is not None and tenant.prada.block
         if tenant.prada is not None:
@@ -212,7 +234,10 @@ class ServedAPI:
         try:
             dtype = np.dtype(str(self.description.dtype).removeprefix("torch."))
             for seq, batch in self.store.requests(client_id, tenant.seq, self.description.input_shape, dtype):
-                tenant.oracle.query(torch.from_numpy(batch.copy()))
+                x = torch.from_numpy(batch.copy())
+                tenant.oracle.query(x)
+                if self.pow is not None:  # the privacy cost it was charged
+                    self.pow.ledger(client_id).add(self.pow.cost.query_rdp(x))
                 tenant.seq = seq
                 tenant.since_snapshot += 1
         finally:
@@ -225,17 +250,31 @@ class ServedAPI:
         state: dict[str, Any] = {"stack": stack_state_dict(tenant.oracle)}
         if self.detect is not None:
             state["prada"] = self.detect.client_state_dict(client_id)
+        if self.pow is not None:
+            state["pow"] = self.pow.ledger(client_id).state_dict()
         self.store.save_snapshot(client_id, tenant.seq, state)
         tenant.since_snapshot = 0
 
-    def query(self, client_id: str, x: object) -> torch.Tensor:
+    def query(self, client_id: str, x: object, proof: tuple[str, str] | None = None) -> torch.Tensor:
         """Answer ``client_id``'s batch through its own stack (checks, rate and budget
-        included); with a store, the answered samples are logged before this returns."""
+        included); with a store, the answered samples are logged before this returns.
+
+        With proof of work, ``proof`` is ``(puzzle header, nonce)``: without it, this raises
+        :class:`ProofOfWorkRequired` with the request's puzzle; a wrong one raises
+        :class:`~mextract.defences.pow.PowError`.
+        """
         tenant = self._tenant(client_id)
         t = as_tensor(x, name="query", dtype=self.description.dtype)
         if tenant.bucket is not None and len(t):
             tenant.bucket.take(client_id, len(t))
         with tenant.lock:
+            if self.pow is not None and len(t):
+                ledger = tenant.base.ledger
+                if ledger.limit is not None and ledger.count + len(t) > ledger.limit:
+                    raise BudgetExceededError(len(t), ledger.count, ledger.limit)  # before any work
+                if proof is None:
+                    raise ProofOfWorkRequired(client_id, self.pow.challenge(client_id, t))
+                self.pow.redeem(client_id, proof[0], proof[1], t)
             flagged = self.detect is not None and self.detect.flagged(client_id)
             answers = tenant.oracle.query(t)
             now_flagged = self.detect is not None and self.detect.flagged(client_id)

@@ -42,11 +42,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import mextract
 from mextract.defences.detection import ExtractionDetectedError
+from mextract.defences.pow import PowError
 from mextract.errors import BudgetExceededError, MextractError
 from mextract.protocol import (
     CLIENT_HEADER,
     DEFAULT_CLIENT,
     JSON_LENGTH_HEADER,
+    POW_NONCE_HEADER,
+    POW_PUZZLE_HEADER,
     ErrorResponse,
     Health,
     InferRequest,
@@ -59,7 +62,7 @@ from mextract.protocol import (
     encode_response,
     wants_binary,
 )
-from mextract.server.api import RateLimitedError, ServedAPI
+from mextract.server.api import ProofOfWorkRequired, RateLimitedError, ServedAPI
 from mextract.server.store import AuthError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "No API key (servers with accounts)",
         404: "Unknown model or version",
         413: "The body is over the server's limit",
+        428: "Proof of work required: solve the puzzle in X-PoW-Puzzle and send it again",
         429: "Over the account's rate limit: wait Retry-After seconds",
     }.items()
 }
@@ -98,8 +102,11 @@ def _error(
     kind: str | None = None,
     headers: Mapping[str, str] | None = None,
     retry_after: float | None = None,
+    puzzle: str | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"error": message}
+    if puzzle is not None:
+        body["puzzle"] = puzzle
     if kind is not None:
         body["kind"] = kind
     if retry_after is not None:
@@ -220,7 +227,9 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _answer(client: str, request: InferRequest, tensors: dict[str, np.ndarray]) -> torch.Tensor:
+    def _answer(
+        client: str, request: InferRequest, tensors: dict[str, np.ndarray], proof: tuple[str, str] | None
+    ) -> torch.Tensor:
         if set(tensors) != {INPUT_NAME}:
             raise ProtocolError(f"inputs: expected one tensor named {INPUT_NAME!r}, got {sorted(tensors)}")
         for out in request.outputs or []:
@@ -228,7 +237,7 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
                 raise ProtocolError(f"outputs: unknown output {out.name!r}; this model has {OUTPUT_NAME!r}")
         dtype = np.float64 if tensor_type == "FP64" else np.float32
         x = torch.from_numpy(np.array(tensors[INPUT_NAME], dtype=dtype))
-        return api.query(client, x)
+        return api.query(client, x, proof)
 
     async def _infer(
         request: Request, name: str, version: str | None, client: str | None, authorization: str | None
@@ -240,9 +249,17 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
             body = await _read_body(request)
             parsed, tensors = decode_request(body, request.headers.get(JSON_LENGTH_HEADER))
             binary = wants_binary(parsed, OUTPUT_NAME)  # checked before anything is answered
-            answers = await run_in_threadpool(_answer, client_id, parsed, tensors)
+            puzzle, nonce = request.headers.get(POW_PUZZLE_HEADER), request.headers.get(POW_NONCE_HEADER)
+            proof = None if puzzle is None or nonce is None else (puzzle, nonce)
+            answers = await run_in_threadpool(_answer, client_id, parsed, tensors, proof)
         except (ProtocolError, AuthError) as exc:
             return _error(exc.status, str(exc))
+        except ProofOfWorkRequired as exc:
+            header = exc.puzzle.to_header()
+            return _error(428, str(exc), kind="proof_of_work", headers={POW_PUZZLE_HEADER: header},
+                          puzzle=header)  # fmt: skip
+        except PowError as exc:
+            return _error(403, f"proof of work refused ({exc.kind}): {exc}", kind="proof_of_work_invalid")
         except RateLimitedError as exc:
             wait = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
             return _error(429, str(exc), kind="rate_limited", headers=wait, retry_after=exc.retry_after)
@@ -274,7 +291,7 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         "responses": {
             # binary outputs asked for: the answer is the JSON header followed by the tensors' bytes
             200: {"description": "The answers (JSON, or JSON and binary tensors)", "content": binary_answer},
-            **{s: _ERRORS[s] for s in (400, 401, 403, 404, 413, 429)},
+            **{s: _ERRORS[s] for s in (400, 401, 403, 404, 413, 428, 429)},
         },
         "openapi_extra": {
             "requestBody": {"required": True, "content": {"application/json": {"schema": body_schema}}},
@@ -315,8 +332,9 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         if not who.admin:
             return _error(403, f"account {who.name!r} is not an admin")
         rows = await run_in_threadpool(api.store.usage)
-        for row in rows:
-            row["flagged"] = api.detect is not None and api.detect.flagged(row["name"])
+        for row in rows:  # an alarm in the log counts too: a restarted server restores state lazily
+            live = api.detect is not None and api.detect.flagged(row["name"])
+            row["flagged"] = live or any(a.startswith("prada") for a in row["alarms"])
         return rows
 
     def openapi() -> dict[str, Any]:
