@@ -371,9 +371,10 @@ def solve(puzzle: Puzzle | str, *, max_hashes: int | None = None, start: int = 0
         after ``max_hashes`` evaluations without a solution.
 
     Pure Python with ``hashlib`` (the prefix ``challenge:`` is hashed once and copied):
-    about 1.5 million hashes per second on one core of a 2020s CPU, so 20 bits take about
-    a second. A native solver (or a GPU) is orders of magnitude faster: difficulty buys
-    *relative* cost, which is why the calibration is in hash evaluations.
+    1.5–2.5 million hashes per second on one core of the lab's 2-core AMD EPYC test
+    machine, so 20 bits take about half a second. A native solver (or a GPU) is orders of
+    magnitude faster: difficulty buys *relative* cost, which is why the calibration is in
+    hash evaluations.
     """
     if isinstance(puzzle, str):
         puzzle = Puzzle.from_header(puzzle)
