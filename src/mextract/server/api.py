@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mextract._utils import as_tensor
+from mextract._utils import as_tensor, check_shape
 from mextract.defences.detection import Prada, PradaClient
 from mextract.defences.pow import PowGate, Puzzle
 from mextract.defences.registry import Owner, build_defence
@@ -265,15 +265,19 @@ class ServedAPI:
         """
         tenant = self._tenant(client_id)
         t = as_tensor(x, name="query", dtype=self.description.dtype)
-        if tenant.bucket is not None and len(t):
-            tenant.bucket.take(client_id, len(t))
+        check_shape(t, self.description.input_shape, name="query")  # bad input: refused before any
+        if self.victim.value_range is not None:  # puzzle, token or privacy cost is spent on it
+            self.victim.value_range.check(t, "query")
         with tenant.lock:
             if self.pow is not None and len(t):
                 ledger = tenant.base.ledger
                 if ledger.limit is not None and ledger.count + len(t) > ledger.limit:
                     raise BudgetExceededError(len(t), ledger.count, ledger.limit)  # before any work
-                if proof is None:
+                if proof is None:  # the puzzle first: asking for it takes no rate tokens
                     raise ProofOfWorkRequired(client_id, self.pow.challenge(client_id, t))
+            if tenant.bucket is not None and len(t):
+                tenant.bucket.take(client_id, len(t))
+            if self.pow is not None and proof is not None and len(t):
                 self.pow.redeem(client_id, proof[0], proof[1], t)
             flagged = self.detect is not None and self.detect.flagged(client_id)
             answers = tenant.oracle.query(t)
