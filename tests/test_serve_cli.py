@@ -37,6 +37,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_live(port: int, timeout: float = 60.0) -> None:
+    """Until a server on 127.0.0.1:``port`` answers its liveness route (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
@@ -115,13 +126,7 @@ def test_serve_stops_cleanly_on_ctrl_c(victim: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen([_exe(), "serve", str(victim), "--port", str(port), "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.2)
+    _wait_live(port)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
@@ -178,13 +183,7 @@ def test_serve_with_a_store_saves_state_on_sigterm(victim: Path, tmp_path: Path)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v2/models/victim"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        _wait_live(port)
         assert httpx.get(url).status_code == 401
         from mextract.oracle import RemoteOracle
 

@@ -293,6 +293,21 @@ def _named_pool(pool_dataset: str, input_shape: Sequence[int], seed: int, root: 
     return load_pool(pool_dataset, input_shape, seed=seed, root=root)
 
 
+def _pool_and_test_files(
+    pool: Dataset | None,
+    pool_data: str | Path | None,
+    test_data: str | Path,
+    like: Dataset,
+    scale: float | None,
+) -> tuple[Dataset, Dataset]:
+    """The user's test file, and their pool file unless a named pool was given."""
+    test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
+    if pool is None:
+        assert pool_data is not None
+        pool = load_file(pool_data, like=like, require_labels=False, name="pool", scale=scale)
+    return pool, test
+
+
 def _local_target(
     victim: str | Path,
     mode: str,
@@ -318,10 +333,7 @@ def _local_target(
     if dataset is None:
         if (pool_data is None and pool is None) or test_data is None:
             raise DataError("this victim was trained on files: give its attacker pool and test_data")
-        test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
-        if pool is None:
-            assert pool_data is not None
-            pool = load_file(pool_data, like=like, require_labels=False, name="pool", scale=scale)
+        pool, test = _pool_and_test_files(pool, pool_data, test_data, like, scale)
     else:
         splits = load_splits(dataset, seed=split_seed, root=data_root or meta.get("data_root"),
                              pool_data=pool_data, test_data=test_data, scale=scale)  # fmt: skip
@@ -384,10 +396,7 @@ def _remote_target(
     else:
         if (pool_data is None and pool is None) or test_data is None:
             raise DataError("to attack a url, give --dataset, or an attacker pool and test_data")
-        test = load_file(test_data, like=like, require_labels=True, name="test", scale=scale)
-        if pool is None:
-            assert pool_data is not None
-            pool = load_file(pool_data, like=like, require_labels=False, name="pool", scale=scale)
+        pool, test = _pool_and_test_files(pool, pool_data, test_data, like, scale)
     if test.num_classes != oracle.num_classes:
         raise DataError(f"the test set has {test.num_classes} classes, the API answers {oracle.num_classes}")
     check_disjoint(pool, {"the test set": test})
