@@ -8,6 +8,7 @@ owner side (:meth:`Evaluator.from_victim`) and never charged to the attacker's b
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,10 @@ from mextract.errors import InputError
 
 @torch.no_grad()
 def _batched(
-    model: nn.Module, x: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
     device: str | None,
 ) -> list[torch.Tensor]:
     dev = next(model.parameters(), torch.empty(0)).device if device is None else resolve_device(device)
@@ -96,3 +100,66 @@ class Evaluator:
         pred = predict_labels(model, self.test.x)
         acc = agreement(pred, self.test.y) if self.test.y is not None else float("nan")
         return {"test_accuracy": acc, "fidelity": agreement(pred, self.victim_labels)}
+
+
+#: the floor under a defended answer's probabilities before KL and ECE: a rounded, top-k or
+#: label answer puts exact zeros where the undefended answer has mass, which would make KL
+#: infinite; 1e-6 is below any probability a float32 API states meaningfully
+PROB_FLOOR = 1e-6
+
+
+def answer_probs(answers: torch.Tensor, mode: str) -> torch.Tensor:
+    """An API's answers as the probability vectors an honest user reads from them: softmax
+    of logits; probabilities (also rounded or top-k) as given, clipped at 0; labels as one-hot
+    rows (:class:`~mextract.oracle.AnswerMode` values)."""
+    a = answers.detach().to(torch.float64)
+    if mode == "logits":
+        return torch.softmax(a, dim=1)
+    return a.clamp_min(0)
+
+
+def _normalised(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp_min(PROB_FLOOR)
+    return p / p.sum(dim=1, keepdim=True)
+
+
+def answer_shift(defended: torch.Tensor, undefended: torch.Tensor) -> dict[str, float]:
+    """How far a defence moves honest users' answers (Orekondy et al. 2020, MAD, measure the
+    utility cost of a perturbation by the distance between perturbed and original posteriors).
+
+    ``answer_l1``: mean L1 distance between the answers as given (a top-k answer's missing
+    mass and a label answer's lost confidence count); ``answer_kl``: mean KL(undefended ‖
+    defended) after flooring the defended vector at :data:`PROB_FLOOR` and renormalising.
+    """
+    if defended.shape != undefended.shape or defended.ndim != 2:
+        raise InputError(
+            f"expected two (N, K) answer matrices of one shape, got {tuple(defended.shape)} and "
+            f"{tuple(undefended.shape)}"
+        )
+    p, q = undefended.to(torch.float64), defended.to(torch.float64)
+    l1 = (p - q).abs().sum(dim=1).mean()
+    pn, qn = _normalised(p), _normalised(q)
+    kl = (pn * (pn.log() - qn.log())).sum(dim=1).mean()
+    return {"answer_l1": float(l1), "answer_kl": float(kl)}
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """ECE of Guo et al., "On Calibration of Modern Neural Networks" (ICML 2017): the
+    confidence (top-1 probability, after renormalising) against accuracy in ``bins`` equal-width
+    bins, weighted by the share of samples in each."""
+    if probs.ndim != 2 or len(probs) != len(labels):
+        raise InputError(
+            f"expected (N, K) probabilities and N labels, got {tuple(probs.shape)} and {len(labels)}"
+        )
+    if len(probs) == 0:
+        raise InputError("expected at least one answer to calibrate")
+    p = _normalised(probs.to(torch.float64))
+    conf, pred = p.max(dim=1)
+    correct = (pred == labels).to(torch.float64)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = torch.zeros((), dtype=torch.float64)
+    for lo, hi in itertools.pairwise(edges):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += inside.double().mean() * (conf[inside].mean() - correct[inside].mean()).abs()
+    return float(ece)

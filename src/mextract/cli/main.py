@@ -43,6 +43,11 @@ def _mount_subcommands() -> None:
     from mextract.cli.direct import app as direct_app
 
     app.add_typer(direct_app, name="direct", help="Direct extraction: recover the parameters themselves.")
+    from mextract.cli.audit import audit
+    from mextract.cli.deceive import deceive
+
+    app.command("audit")(audit)
+    app.command("deceive")(deceive)
 
 
 _mount_subcommands()
@@ -713,6 +718,9 @@ def matrix(
     device: Device = "auto",
     threads: Threads = None,
     fresh: Fresh = False,
+    jobs: Annotated[int, typer.Option(min=1, help="Cells run at once, in processes (one thread each).")] = 1,
+    backend: Annotated[str, typer.Option(help="'local' or 'ray' (the [ray] extra).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
 ) -> None:
     """Attack x defence matrix: utility of each defence, and each attack against it."""
     from mextract.attacks.registry import check_attack_spec
@@ -756,14 +764,21 @@ def matrix(
         raise typer.BadParameter(f"expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger}",
                                  ctx=ctx, param_hint="'--trigger'")  # fmt: skip
     adversarial = _check_pgd(ctx, pgd_eps, pgd_steps)
+    from mextract.cli.audit import check_backend
+
+    check_backend(ctx, backend, address)
     _runtime(ctx, device, threads)
+    import torch
+
     from mextract.cli.progress import ProgressBars
 
     with ProgressBars(console) as bars:
         records = run_matrix(out, defences=defence, attacks=attack, budget=budget, dataset=dataset, seed=seed,
                              trigger_target=trigger, adversarial=adversarial,
-                             detect=detect, device=device, callback=bars,
-                             resume=not fresh)  # fmt: skip
+                             detect=detect, device=None if device == "auto" else device, callback=bars,
+                             resume=not fresh, jobs=jobs, backend="ray" if backend == "ray" else "local",
+                             threads=torch.get_num_threads() if jobs == 1 else threads or 1,
+                             address=address)  # fmt: skip
     table = matrix_table(records)
     (out / "matrix.md").write_text(table)
     typer.echo(table)
@@ -775,16 +790,27 @@ def report(
     ctx: typer.Context,
     run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run folder holding records.")],
     markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead.")] = False,
+    html: Annotated[
+        bool, typer.Option("--html", help="Also write report.html, report.md and report.json (with plots).")
+    ] = False,
 ) -> None:
-    """Rebuild the tables of a run folder (attacks, or an attack x defence matrix) from its records."""
+    """Rebuild the tables of a run folder (attacks, a matrix, an audit) from its records alone."""
     from mextract.experiments import load_records, markdown_table, matrix_table
 
     records = load_records(run)
-    if not records:
+    if not any(r.kind != "plan" for r in records):
         raise typer.BadParameter(
             f"{run} holds no mextract records (expected a run folder of `mextract demo`, "
-            "`train-victim`, `attack` or `matrix`)", ctx=ctx, param_hint="'run'",
+            "`train-victim`, `attack`, `matrix` or `audit`)", ctx=ctx, param_hint="'run'",
         )  # fmt: skip
+    audit_run = any(r.kind == "cell" and r.config.get("cell", {}).get("thief") for r in records)
+    if audit_run or html:
+        from mextract.cli.audit import write_audit_report
+
+        paths = write_audit_report(run)
+        console.print(f"report: {paths['html']}", markup=False)
+        if audit_run:
+            return
     if any(r.kind == "cell" for r in records):  # a matrix folder
         typer.echo(matrix_table(records))
     elif markdown:

@@ -40,9 +40,13 @@ def _inner_logits(inner: Oracle, x: torch.Tensor) -> torch.Tensor:
     return torch.log(answers.clamp_min(torch.finfo(answers.dtype).tiny))
 
 
-def _check_inner(inner: Oracle, defence: str) -> None:
+def _check_inner(inner: Oracle, defence: str, ranked: bool = False) -> None:
+    """``ranked``: the defence needs only the top class (label-only), which rounded, top-k and
+    label answers keep, so it may wrap them too."""
     if not isinstance(inner, Oracle):
         raise InputError(f"{defence}: expected an Oracle to wrap, got {type(inner).__name__}")
+    if ranked and inner.mode in (AnswerMode.ROUNDED, AnswerMode.TOPK, AnswerMode.LABEL):
+        return
     if inner.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
         raise InputError(
             f"{defence}: expected an inner oracle answering 'logits' or 'probs', got {inner.mode.value!r} "
@@ -53,8 +57,11 @@ def _check_inner(inner: Oracle, defence: str) -> None:
 class _Perturbation(OracleWrapper):
     """A defence that maps the inner logits to an answer in ``self.mode``."""
 
+    #: only the order of the classes is used (see :func:`_check_inner`)
+    ranked = False
+
     def __init__(self, inner: Oracle, *, mode: AnswerMode | str) -> None:
-        _check_inner(inner, type(self).__name__)
+        _check_inner(inner, type(self).__name__, self.ranked)
         super().__init__(inner, mode=mode)
 
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +99,10 @@ class Rounding(_Perturbation):
 
 
 class LabelOnly(_Perturbation):
-    """Reveal only the top-1 class (as a one-hot vector)."""
+    """Reveal only the top-1 class (as a one-hot vector). It may wrap rounded, top-k or label
+    answers too: their top-1 is the API's label (with rounding, a tie goes to the lower class)."""
+
+    ranked = True
 
     def __init__(self, inner: Oracle) -> None:
         super().__init__(inner, mode=AnswerMode.LABEL)

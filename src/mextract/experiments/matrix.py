@@ -9,34 +9,30 @@ queries the ledger counted, and, when enabled, the trigger watermark's success r
 substitute, and PRADA's first alarm. An attack that cannot run against a defence (a
 soft-label attack against a label-only API) is recorded as not applicable with the reason.
 
-Every cell is a JSON record in the run folder; re-running reuses finished cells.
+The matrix is a plan (:func:`matrix_plan`) for the one experiments runner
+(:func:`~mextract.experiments.run_plan`): every cell is a JSON record in the run folder's
+``records/``, keyed by its whole configuration; re-running reuses finished cells.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mextract.attacks import create_attack
 from mextract.attacks.base import Callback, check_budget
-from mextract.attacks.registry import check_attack_spec, parse_attack_spec
-from mextract.data import ValueRange, dataset_info, load_splits
+from mextract.attacks.registry import check_attack_spec
+from mextract.data import dataset_info, load_splits
 from mextract.defences.adversarial import PGDConfig
-from mextract.defences.cosine import CosineWatermark
-from mextract.defences.detection import Prada
-from mextract.defences.ownership import DawnWatermark, TriggerWatermark
-from mextract.defences.registry import Owner, build_defence, check_defence_spec, honest_accuracy
+from mextract.defences.registry import check_defence_spec
 from mextract.errors import InputError, MextractError
-from mextract.experiments.records import Record, same_config
-from mextract.experiments.runner import VICTIM_DIR, train_victim_run
-from mextract.metrics import Evaluator
-from mextract.models import default_model_for, load_checkpoint
-from mextract.oracle import APIDescription, Oracle, OracleWrapper, VictimOracle
+from mextract.experiments.backends import Backend, failures_message, run_plan
+from mextract.experiments.plan import CellSpec, Plan, VictimSpec
+from mextract.experiments.records import Record
+from mextract.models import default_model_for
+from mextract.oracle import APIDescription
 
 logger = logging.getLogger(__name__)
 
@@ -53,44 +49,92 @@ STAGE3_ATTACKS = ("hard", 'hard_augment:{"flip": false}', "hard_boundary", "hard
 #: probability) is weak privacy, yet noise of the order of a confident answer's margin.
 #: Adversarial training changes the victim itself: ``--pgd-eps``.
 FULL_DEFENCES = (
-    "none", "honey", "topk", "rounding", "label_only", "reverse_sigmoid", 'dp_noise:{"epsilon": 10}',
-    "mad", 'mad:{"argmax": true}', "adaptive_misinformation", "dawn", "dawn+label_only", "cosine",
+    "none",
+    "honey",
+    "topk",
+    "rounding",
+    "label_only",
+    "reverse_sigmoid",
+    'dp_noise:{"epsilon": 10}',
+    "mad",
+    'mad:{"argmax": true}',
+    "adaptive_misinformation",
+    "dawn",
+    "dawn+label_only",
+    "cosine",
     "cosine+dawn",
-)  # fmt: skip
+)
 #: Every learning-based attack of the catalogue that runs on an in-domain pool at an
 #: MNIST-size budget: knockoff with an in-domain random policy is ``kd`` and is left out,
 #: as is ``dfme``, which needs tens of thousands of queries (and stays at chance on mnist
 #: even then; ``docs/attacks.md``).
 FULL_ATTACKS = (
-    "kd", "kd_erasing", "spsg", "marich", "hard", 'hard_augment:{"flip": false}', "hard_boundary",
-    "hard_mixup", "active_hard",
-)  # fmt: skip
+    "kd",
+    "kd_erasing",
+    "spsg",
+    "marich",
+    "hard",
+    'hard_augment:{"flip": false}',
+    "hard_boundary",
+    "hard_mixup",
+    "active_hard",
+)
 
 
-def _find(oracle: Oracle, kind: type) -> Any:
-    while True:
-        if isinstance(oracle, kind):
-            return oracle
-        if not isinstance(oracle, OracleWrapper):
-            return None
-        oracle = oracle.inner
-
-
-def _chain(victim: torch.nn.Module, meta: dict[str, Any], spec: str, owner: Owner) -> Oracle:
-    base = VictimOracle(
-        victim,
-        input_shape=meta["input_shape"],
-        num_classes=meta["num_classes"],
-        mode="probs" if spec == "none" else "logits",
-        device=owner.device,
-        value_range=ValueRange.from_json(meta.get("value_range"), meta["input_shape"]),
+def matrix_plan(
+    *,
+    defences: Sequence[str],
+    attacks: Sequence[str],
+    budget: int,
+    dataset: str = "mnist",
+    seed: int = 0,
+    trigger_target: int | None = None,
+    adversarial: PGDConfig | None = None,
+    detect: bool = False,
+) -> Plan:
+    """The matrix as a plan: one victim, each defence's honest-user cost, and every attack
+    against every defence at ``budget`` (the trigger, DAWN and cosine checks where they apply)."""
+    info = dataset_info(dataset)
+    arch = default_model_for(info.input_shape)
+    # the whole plan is checked before any work: names, options and values of every spec
+    for spec in defences:
+        check_defence_spec(spec, info.input_shape, info.num_classes, arch, seed)
+    plain = APIDescription(info.input_shape, info.num_classes, value_range=info.value_range)  # undefended
+    planned = [check_attack_spec(spec, plain, budget) for spec in attacks]
+    if trigger_target is not None and not 0 <= trigger_target < info.num_classes:
+        raise InputError(
+            f"trigger_target: expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger_target}"
+        )
+    pool_size = load_splits(dataset, seed=seed).describe()["pool"]
+    for planned_attack in planned:
+        check_budget(planned_attack, budget, pool_size)
+    victim = VictimSpec(
+        dataset=dataset,
+        split_seed=seed,
+        trigger_target=trigger_target,
+        adversarial=None if adversarial is None else asdict(adversarial),
     )
-    return build_defence(spec, base, owner)
-
-
-def _slug(text: str) -> str:
-    name = text.split(":")[0].replace("+", "_")
-    return f"{name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    measures = ("trigger", "dawn", "cosine")
+    cells = []
+    for d in defences:
+        cells.append(
+            CellSpec(kind="defence", victim=victim, protection=d, defence=d, detect=detect, seed=seed)
+        )
+        cells += [
+            CellSpec(
+                kind="cell",
+                victim=victim,
+                protection=d,
+                defence=d,
+                detect=detect,
+                attack=a,
+                budget=budget,
+                seed=seed,
+                measures=measures,
+            )
+            for a in attacks
+        ]
+    return Plan("matrix", cells)
 
 
 def run_matrix(
@@ -107,6 +151,10 @@ def run_matrix(
     device: str | None = None,
     callback: Callback | None = None,
     resume: bool = True,
+    jobs: int = 1,
+    threads: int = 1,
+    backend: Backend = "local",
+    address: str | None = None,
 ) -> list[Record]:
     """Run every attack against every defence; returns the victim, utility and cell records.
 
@@ -119,158 +167,32 @@ def run_matrix(
         adversarial: train the victim with PGD adversarial training (a defence in the
             victim itself; its cost is the victim record's test accuracy).
         detect: put PRADA in front of every API and report its first alarm per attack.
+        jobs, threads, backend, address: where the cells run (:func:`~mextract.experiments.run_plan`).
     """
-    out = Path(out)
-    # the whole plan is checked before any work: names, options and values of every spec
-    info = dataset_info(dataset)
-    arch = default_model_for(info.input_shape)
-    for spec in defences:
-        check_defence_spec(spec, info.input_shape, info.num_classes, arch, seed)
-    plain = APIDescription(info.input_shape, info.num_classes, value_range=info.value_range)  # undefended
-    planned = [check_attack_spec(spec, plain, budget) for spec in attacks]
-    if trigger_target is not None and not 0 <= trigger_target < info.num_classes:
-        raise InputError(
-            f"trigger_target: expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger_target}"
-        )
-    splits = load_splits(dataset, seed=seed)
-    for planned_attack in planned:
-        check_budget(planned_attack, budget, len(splits.pool))
-    victim_record = train_victim_run(
-        out, dataset=dataset, seed=seed, device=device, callback=callback, resume=resume,
-        trigger_target=trigger_target, adversarial=adversarial,
-    )  # fmt: skip
-    victim, meta = load_checkpoint(out / VICTIM_DIR)
-    evaluator = Evaluator.from_victim(victim, splits.test, device=device)
-    owner = Owner(victim=victim, train=splits.victim_train, architecture=meta["architecture"], seed=seed)
-    trigger = None if trigger_target is None else TriggerWatermark(target=trigger_target)
-    records = [victim_record]
-    for spec in defences:
-        utility = _utility(out, spec, victim, meta, owner, splits, detect, resume)
-        records.append(utility)
-        for attack_spec in attacks:
-            if callback is not None:
-                callback({"stage": "attack", "name": f"{attack_spec} vs {spec}"})
-            records.append(
-                _cell(
-                    out,
-                    spec,
-                    attack_spec,
-                    budget,
-                    victim,
-                    meta,
-                    owner,
-                    splits,
-                    evaluator,
-                    trigger,
-                    detect,
-                    seed,
-                    device,
-                    callback,
-                    resume,
-                )
-            )
-    return records
-
-
-def _utility(
-    out: Path,
-    spec: str,
-    victim: Any,
-    meta: dict[str, Any],
-    owner: Owner,
-    splits: Any,
-    detect: bool,
-    resume: bool,
-) -> Record:
-    path = out / f"defence-{_slug(spec)}.json"
-    config = {"defence": spec}
-    if resume and path.is_file():
-        old = Record.load(path)
-        if same_config(old.config, config):
-            return old
-    api = _chain(victim, meta, spec, owner)
-    metrics: dict[str, Any] = {"honest_accuracy": honest_accuracy(api, splits.test)}
-    if detect:  # PRADA on a benign stream: the test images in a random order, one client
-        monitor = Prada()
-        order = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(owner.seed))
-        monitor.client("benign", _chain(victim, meta, spec, owner)).query(splits.test.x[order])
-        report = monitor.report("benign")
-        metrics.update(
-            {"prada_benign_flagged": report.flagged, "prada_benign_first_alarm": report.first_alarm}
-        )
-    record = Record(kind="defence", name=spec, seed=owner.seed, config=config, metrics=metrics)
-    record.save(path)
-    return record
-
-
-def _cell(
-    out: Path,
-    spec: str,
-    attack_spec: str,
-    budget: int,
-    victim: Any,
-    meta: dict[str, Any],
-    owner: Owner,
-    splits: Any,
-    evaluator: Evaluator,
-    trigger: TriggerWatermark | None,
-    detect: bool,
-    seed: int,
-    device: str | None,
-    callback: Callback | None,
-    resume: bool,
-) -> Record:
-    path = out / f"cell-{_slug(spec)}-{_slug(attack_spec)}-{budget}.json"
-    config = {"defence": spec, "attack": attack_spec, "budget": budget, "detect": detect,
-              "trigger_target": None if trigger is None else trigger.target}  # fmt: skip
-    if resume and path.is_file():
-        old = Record.load(path)
-        if same_config(old.config, config) and old.seed == seed:
-            return old
-    api = _chain(victim, meta, spec, owner)
-    monitor = Prada() if detect else None
-    attacked = api if monitor is None else monitor.client("attacker", api)
-    name, options = parse_attack_spec(attack_spec)
-    metrics: dict[str, Any] = {}
-    try:
-        attack = create_attack(name, **options)
-        result = attack(attacked, splits.pool.unlabeled(), budget, substitute=meta["architecture"],
-                        evaluator=evaluator, seed=seed, device=device, callback=callback)  # fmt: skip
-    except InputError as exc:  # e.g. a soft-label attack against a label-only API
-        logger.info("%s against %s: not applicable (%s)", attack_spec, spec, exc)
-        record = Record(kind="cell", name=name, seed=seed, config=config, metrics={"status": f"n/a: {exc}"})
-        record.save(path)
-        return record
-    if result.queries != api.ledger.count:
-        raise MextractError(f"internal error: {result.queries} reported, {api.ledger.count} answered")
-    metrics.update(
-        {
-            "status": "ok",
-            "queries": result.queries,
-            "budget": budget,
-            "wall_time_s": result.wall_time_s,
-            **result.metrics,
-        }
+    plan = matrix_plan(
+        defences=defences,
+        attacks=attacks,
+        budget=budget,
+        dataset=dataset,
+        seed=seed,
+        trigger_target=trigger_target,
+        adversarial=adversarial,
+        detect=detect,
     )
-    if trigger is not None and splits.test.y is not None:
-        metrics["wsr"] = trigger.wsr(result.model, splits.test.x, splits.test.y)
-    dawn = _find(api, DawnWatermark)
-    if dawn is not None:
-        verdict = dawn.verify(result.model)
-        metrics.update({"dawn_marks": verdict.total, "dawn_wsr": verdict.wsr, "dawn_p": verdict.p_value})
-    cosine = _find(api, CosineWatermark)
-    if cosine is not None:  # against the unmarked victim: on the thief's logged queries, and
-        check = cosine.verify(result.model, baseline=victim)  # on the owner's own inputs
-        metrics.update({"cosine_stat": check.statistic, "cosine_z": check.z, "cosine_p": check.p_value})
-        owner_x = torch.cat([splits.victim_train.x, splits.test.x])
-        check = cosine.verify(result.model, owner_x, baseline=victim)
-        metrics.update({"cosine_owner_z": check.z, "cosine_owner_p": check.p_value})
-    if monitor is not None:
-        report = monitor.report("attacker")
-        metrics.update({"prada_flagged": report.flagged, "prada_first_alarm": report.first_alarm})
-    record = Record(kind="cell", name=name, seed=seed, config=config, metrics=metrics, history=[])
-    record.save(path)
-    return record
+    result = run_plan(
+        plan,
+        out,
+        backend=backend,
+        jobs=jobs,
+        threads=threads,
+        address=address,
+        device=device,
+        callback=callback,
+        resume=resume,
+    )
+    if result.failed:
+        raise MextractError(failures_message(result))
+    return result.records
 
 
 def matrix_table(records: Sequence[Record]) -> str:
@@ -339,9 +261,17 @@ def matrix_table(records: Sequence[Record]) -> str:
             if "prada_flagged" in m:
                 alarm = f"query {m['prada_first_alarm'] + 1}" if m["prada_flagged"] else "none"
             row = [
-                d, pct(utility.get(d, {}).get("honest_accuracy")), r.config["attack"], f"{m['queries']:,}",
-                pct(m.get("test_accuracy")), pct(m.get("fidelity")), pct(m.get("wsr")), dawn, cosine, alarm,
-            ]  # fmt: skip
+                d,
+                pct(utility.get(d, {}).get("honest_accuracy")),
+                r.config["attack"],
+                f"{m['queries']:,}",
+                pct(m.get("test_accuracy")),
+                pct(m.get("fidelity")),
+                pct(m.get("trigger_wsr")),
+                dawn,
+                cosine,
+                alarm,
+            ]
         lines.append("| " + " | ".join(row) + " |")
     benign = [(k, v) for k, v in utility.items() if "prada_benign_flagged" in v]
     if benign:

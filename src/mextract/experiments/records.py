@@ -38,6 +38,9 @@ class Record(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
     history: list[dict[str, Any]] = Field(default_factory=list)
+    #: the digest of the cell that wrote it (:meth:`~mextract.experiments.plan.CellSpec.key`);
+    #: empty for records of single runs (``train-victim``, ``attack``, ``demo``)
+    key: str = ""
     versions: dict[str, str] = Field(default_factory=versions)
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="microseconds"))
 
@@ -61,12 +64,13 @@ class Record(BaseModel):
 
 
 def load_records(directory: str | Path) -> list[Record]:
-    """Every record (``*.json`` written by :meth:`Record.save`) in a run folder, oldest first."""
+    """Every record (``*.json`` written by :meth:`Record.save`) in a run folder and its
+    ``records/`` (a plan's cells), oldest first."""
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"{d}: no such run folder")
     out = []
-    for p in sorted(d.glob("*.json")):
+    for p in sorted([*d.glob("*.json"), *d.glob("records/*.json")]):
         try:
             out.append(Record.load(p))
         except DataError:

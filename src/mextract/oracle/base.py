@@ -92,6 +92,8 @@ class OracleWrapper(Oracle):
         self.dtype = inner.dtype
         self.value_range = inner.value_range
         self.mode = inner.mode if mode is None else AnswerMode.parse(mode)
+        if mode is None:  # a layer that keeps the answer mode keeps its parameters (a monitor around top-k)
+            self.k, self.decimals = inner.k, inner.decimals
 
     @property
     def ledger(self) -> Ledger:
