@@ -46,7 +46,7 @@ def _mextract(*args: str, cwd: Path | None = None) -> subprocess.CompletedProces
     [
         ([], "Missing command"),
         (["--bogus"], "No such option: --bogus"),
-        (["attack"], "give a victim checkpoint folder or --url"),
+        (["attack"], "give a victim checkpoint folder or model file, or --url"),
         (["demo", "--nope"], "No such option: --nope"),
         (["direct"], "Missing command"),
         (["attack", "x", "--budget", "abc"], "'--budget'"),

@@ -282,3 +282,23 @@ def test_audit_of_a_prediction_api_over_http(tmp_path: Path, digits_victim) -> N
         assert max(r.metrics["fidelity"] for r in cells) > 0.7
         assert CliRunner().invoke(app, args).exit_code == 0  # a rerun asks the API for its description only
     assert "remote API" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--thief", "nobody"], "unknown thief 'nobody'"),
+        (["--protection", "honeyy"], "did you mean 'honey'"),
+        (["--url", "http://127.0.0.1:9/v2/models/x"], "--url needs --dataset"),
+        (["--dataset", "digits"], "--dataset is for --url"),
+        (["--address", "127.0.0.1:6379"], "--address is for --backend ray"),
+        (["--backend", "spark"], "expected 'local' or 'ray'"),
+        (["-b", "0"], "budgets: expected positive numbers"),
+    ],
+)
+def test_audit_usage_errors_name_the_problem_before_any_work(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    res = CliRunner().invoke(app, ["audit", "--out", str(tmp_path / "a"), *args])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "a").exists()  # nothing was started

@@ -176,10 +176,17 @@ def audit(
                 param_hint="'VICTIM'",
             )
         split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+        preset = "fast"  # the recipe variants (trigger, adversarial) are retrained with
+        record = victim.parent / "victim.json"  # train-victim's record beside the checkpoint
+        if record.is_file():
+            from mextract.experiments import Record
+
+            preset = str(Record.load(record).config.get("preset", preset))
         spec = VictimSpec(
             dataset=meta["dataset"],
             split_seed=split_seed,
             architecture=meta["architecture"],
+            preset=preset,
             checkpoint=str(victim.resolve()),
         )
         shape, classes = meta["input_shape"], int(meta["num_classes"])

@@ -86,6 +86,27 @@ Scale = Annotated[
 DataRoot = Annotated[
     Path | None, typer.Option(exists=True, help="Data location (cifar10), or $MEXTRACT_CIFAR10.")
 ]
+#: a model file's flags, for what the file does not say (see docs/external-models.md)
+InputShape = Annotated[
+    str | None,
+    typer.Option(help="With a model file: the shape of one input, e.g. 1,28,28 (where the file leaves "
+                 "it open; checked where it does not)."),
+]  # fmt: skip
+NumClasses = Annotated[
+    int | None, typer.Option("--classes", min=2, help="With a model file: its number of classes (checked).")
+]
+InputRange = Annotated[
+    str | None,
+    typer.Option(help="With a model file: the range of its input values LOW,HIGH (default: 0,1 for "
+                 "images, -inf,inf for features); queries outside it are refused."),
+]  # fmt: skip
+Trust = Annotated[
+    list[str] | None,
+    typer.Option(help="With a .skops file: a type to trust beyond skops' defaults (repeatable); only "
+                 "for files you trust, since loading them runs their code."),
+]  # fmt: skip
+VICTIM_HELP = ("A victim checkpoint folder (from train-victim), or a model file: .onnx, .skops, XGBoost "
+               ".json/.ubj, LightGBM .txt")  # fmt: skip
 
 
 def _existing(help_text: str) -> Any:
@@ -261,9 +282,7 @@ def train_victim(
 @app.command()
 def attack(
     ctx: typer.Context,
-    victim: Annotated[
-        Path | None, typer.Argument(help="A victim checkpoint folder (from train-victim); or give --url.")
-    ] = None,
+    victim: Annotated[Path | None, typer.Argument(help=f"{VICTIM_HELP}; or give --url.")] = None,
     url: Annotated[
         str | None,
         typer.Option(help="Attack a prediction API instead: http://HOST:PORT/v2/models/NAME (Open Inference "
@@ -284,7 +303,8 @@ def attack(
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option(help="With --url: pool and test set from the lab's split of this dataset."),
+        typer.Option(help="With --url or a model file: pool and test set from the lab's split of this "
+                     "dataset."),
     ] = None,
     split_seed: Annotated[int, typer.Option(help="With --dataset: the split's seed.")] = 0,
     attack: Annotated[str, typer.Option("--attack", "-a", help="Attack name (see `mextract list`).")] = "kd",
@@ -314,25 +334,44 @@ def attack(
     device: Device = "auto",
     threads: Threads = None,
     fresh: Fresh = False,
+    input_shape: InputShape = None,
+    classes: NumClasses = None,
+    value_range: InputRange = None,
+    trust: Trust = None,
 ) -> None:
-    """Steal a saved victim, or a prediction API at --url, and report accuracy, fidelity and queries."""
+    """Steal a saved victim or model file, or a prediction API at --url, and report accuracy, fidelity
+    and queries."""
     from mextract.attacks import ATTACKS, create_attack
     from mextract.errors import UnknownNameError
 
     if (victim is None) == (url is None):
-        raise typer.BadParameter("give a victim checkpoint folder or --url, exactly one", ctx=ctx,
-                                 param_hint="'victim'/'--url'")  # fmt: skip
+        raise typer.BadParameter("give a victim checkpoint folder or model file, or --url, exactly one",
+                                 ctx=ctx, param_hint="'victim'/'--url'")  # fmt: skip
     if attack not in ATTACKS:
         raise typer.BadParameter(str(UnknownNameError("attack", attack, list(ATTACKS))), ctx=ctx,
                                  param_hint="'--attack'")  # fmt: skip
     options = _check(ctx, "--option", _parse_options, option or [])
     atk = _check(ctx, "--option", create_attack, attack, **dict(options))
     _check_budget(ctx, budget)
+    from mextract.models import is_model_file
+
+    is_file = victim is not None and is_model_file(victim)
+    if not is_file:
+        _no_file_flags(ctx, input_shape, classes, value_range, trust)
     if victim is not None:
-        for name, value in (("--client-id", client_id), ("--dataset", dataset), ("--api-key", api_key)):
+        for name, value in (("--client-id", client_id), ("--api-key", api_key)):
             if value is not None:
-                raise typer.BadParameter("is for --url (a checkpoint brings its own data)", ctx=ctx,
-                                         param_hint=f"'{name}'")  # fmt: skip
+                raise typer.BadParameter("is for --url", ctx=ctx, param_hint=f"'{name}'")
+    if victim is not None and is_file:
+        model = _file_model(ctx, victim, input_shape, classes, value_range, trust)
+        api = _file_api(ctx, model, mode, k, decimals, precision)
+        has_data = dataset is not None
+        if dataset is not None:
+            _check_dataset(ctx, dataset, data_root, api, victim.name)
+    elif victim is not None:
+        if dataset is not None:
+            raise typer.BadParameter("is for --url or a model file (a checkpoint brings its own data)",
+                                     ctx=ctx, param_hint="'--dataset'")  # fmt: skip
         api, has_data = _checkpoint_api(ctx, victim, mode, k, decimals, precision)
     else:
         assert url is not None
@@ -354,14 +393,7 @@ def attack(
                                      param_hint="'--budget'")  # fmt: skip
         has_data = dataset is not None
         if dataset is not None:
-            from mextract.data import dataset_info
-
-            info = _check(ctx, "--dataset", dataset_info, dataset, data_root)
-            if tuple(info.input_shape) != api.input_shape:
-                raise typer.BadParameter(
-                    f"{dataset} has inputs of shape {info.input_shape}; the API takes {api.input_shape}",
-                    ctx=ctx, param_hint="'--dataset'",
-                )  # fmt: skip
+            _check_dataset(ctx, dataset, data_root, api, "the API")
     _check_model(ctx, "--substitute", substitute, api.input_shape, api.num_classes)
     _check(ctx, "--option" if options else "--mode", atk.check_params, api, None, budget)
     if pool_data is not None and pool_dataset is not None:
@@ -372,10 +404,10 @@ def attack(
 
         _check(ctx, "--pool-dataset", check_pool, pool_dataset, api.input_shape, data_root)
     if not has_data and ((pool_data is None and pool_dataset is None) or test_data is None):
-        where = "--dataset, or " if url is not None else ""
+        where = "--dataset, or " if url is not None or is_file else ""
+        who = "this API" if url else "this model file" if is_file else "this victim was trained on files"
         raise typer.BadParameter(
-            f"{'this API' if url else 'this victim was trained on files'}: give {where}an attacker pool "
-            "(--pool-data or --pool-dataset) and --test-data", ctx=ctx,
+            f"{who}: give {where}an attacker pool (--pool-data or --pool-dataset) and --test-data", ctx=ctx,
             param_hint="'--url'" if url else "'victim'",
         )  # fmt: skip
     _check_scale(ctx, scale)
@@ -399,6 +431,10 @@ def attack(
             attack=attack,
             budget=budget,
             mode=mode if url is not None else (mode or "probs"),
+            input_shape=input_shape if is_file else None,
+            num_classes=classes if is_file else None,
+            value_range=value_range if is_file else None,
+            trusted=trust if is_file else None,
             k=k,
             decimals=decimals,
             precision=precision.value,
@@ -435,6 +471,80 @@ def _answer_mode(ctx: typer.Context, mode: str, k: int | None, decimals: int | N
     if answer_mode is AnswerMode.ROUNDED and decimals is None:
         raise typer.BadParameter("--mode rounded needs --decimals", ctx=ctx, param_hint="'--decimals'")
     return answer_mode
+
+
+def _no_file_flags(
+    ctx: typer.Context, input_shape: str | None, classes: int | None, value_range: str | None,
+    trust: list[str] | None,
+) -> None:
+    """Refuse a model file's flags for a checkpoint folder or a url."""
+    flags = (("--input-shape", input_shape), ("--classes", classes), ("--value-range", value_range),
+             ("--trust", trust or None))  # fmt: skip
+    for name, value in flags:
+        if value is not None:
+            raise typer.BadParameter("is for a model file (.onnx, .skops, .json, .ubj, .txt)", ctx=ctx,
+                                     param_hint=f"'{name}'")  # fmt: skip
+
+
+def _file_model(
+    ctx: typer.Context,
+    victim: Path,
+    input_shape: str | None,
+    classes: int | None,
+    value_range: str | None,
+    trust: list[str] | None,
+) -> Any:
+    """Load a model file (the check of its format, contents and of the flags that describe it)."""
+    from mextract.errors import InputError
+    from mextract.models import load_external
+    from mextract.models.external import parse_shape, parse_value_range
+
+    shape = None if input_shape is None else _check(ctx, "--input-shape", parse_shape, input_shape)
+    declared = None if value_range is None else _check(ctx, "--value-range", parse_value_range, value_range)
+    try:
+        return load_external(victim, input_shape=shape, num_classes=classes, value_range=declared,
+                             trusted=trust)  # fmt: skip
+    except InputError as exc:  # the file contradicts a flag, or needs one
+        hint = "'--trust'" if "skops" in str(exc) else "'victim'/'--input-shape'/'--classes'"
+        raise typer.BadParameter(str(exc), ctx=ctx, param_hint=hint) from None
+    except MextractError as exc:
+        raise typer.BadParameter(str(exc), ctx=ctx, param_hint="'victim'") from None
+
+
+def _file_api(
+    ctx: typer.Context, model: Any, mode: str | None, k: int | None, decimals: int | None,
+    precision: Precision,
+) -> Any:
+    """The public description of the API a model file would be served behind."""
+    import torch
+
+    from mextract.oracle import APIDescription
+
+    answer_mode = _answer_mode(ctx, mode or "probs", k, decimals)
+    if k is not None and k >= model.num_classes:
+        raise typer.BadParameter(f"expected fewer than the model's {model.num_classes} classes, got {k}",
+                                 ctx=ctx, param_hint="'--k'")  # fmt: skip
+    dtype = torch.float64 if precision is Precision.float64 else torch.float32
+    return APIDescription(model.input_shape, model.num_classes, mode=answer_mode, k=k, decimals=decimals,
+                          value_range=model.value_range, dtype=dtype)  # fmt: skip
+
+
+def _check_dataset(ctx: typer.Context, dataset: str, data_root: Path | None, api: Any, who: str) -> None:
+    """A named dataset's inputs and classes must be the victim's (``who``: "the API", a file)."""
+    from mextract.data import dataset_info
+
+    info = _check(ctx, "--dataset", dataset_info, dataset, data_root)
+    if tuple(info.input_shape) != tuple(api.input_shape):
+        raise typer.BadParameter(f"{dataset} has inputs of shape {info.input_shape}; {who} takes "
+                                 f"{tuple(api.input_shape)}", ctx=ctx, param_hint="'--dataset'")  # fmt: skip
+    if info.num_classes != api.num_classes:
+        raise typer.BadParameter(f"{dataset} has {info.num_classes} classes; {who} answers {api.num_classes}",
+                                 ctx=ctx, param_hint="'--dataset'")  # fmt: skip
+    lo, hi, vr = info.value_range.low, info.value_range.high, api.value_range
+    below = vr.low is not None and (lo is None or lo < vr.low)
+    if below or (vr.high is not None and (hi is None or hi > vr.high)):
+        raise typer.BadParameter(f"{dataset} has values in {info.value_range}; {who} takes {vr} "
+                                 "(--value-range)", ctx=ctx, param_hint="'--dataset'")  # fmt: skip
 
 
 def _checkpoint_api(
@@ -491,7 +601,7 @@ def _url_api(
 @app.command()
 def serve(
     ctx: typer.Context,
-    victim: Annotated[Path, typer.Argument(help="A victim checkpoint folder (from train-victim).")],
+    victim: Annotated[Path, typer.Argument(help=f"{VICTIM_HELP}.")],
     defence: Annotated[
         str, typer.Option("--defence", "-d", help="Defence spec, e.g. 'dawn+label_only' (`mextract list`).")
     ] = "none",
@@ -530,18 +640,41 @@ def serve(
     seed: Seed = 0,
     device: Device = "auto",
     threads: Threads = None,
+    input_shape: InputShape = None,
+    classes: NumClasses = None,
+    value_range: InputRange = None,
+    trust: Trust = None,
 ) -> None:
-    """Serve a victim as a prediction API (Open Inference Protocol REST: Triton's, KServe's)."""
+    """Serve a victim (checkpoint or model file) as a prediction API (Open Inference Protocol REST:
+    Triton's, KServe's)."""
     import signal
     import socket
 
     from mextract.defences.registry import check_defence_spec
-    from mextract.models import read_meta
+    from mextract.models import is_model_file, read_meta
 
-    meta = _check(ctx, "victim", read_meta, victim)
     _answer_mode(ctx, mode, k, decimals)
-    _check(ctx, "--defence", check_defence_spec, defence, tuple(meta["input_shape"]), meta["num_classes"],
-           meta["architecture"], seed)  # fmt: skip
+    if is_model_file(victim):  # a model file: no owner's side (training data, architecture) for defences
+        from mextract.defences.registry import build_defence
+        from mextract.oracle import VictimOracle
+
+        model = _file_model(ctx, victim, input_shape, classes, value_range, trust)
+        if pow:
+            raise typer.BadParameter("prices queries on the owner's training data, which a model file "
+                                     "does not bring (serve a checkpoint)", ctx=ctx,
+                                     param_hint="'--pow'")  # fmt: skip
+        try:
+            build_defence(defence, VictimOracle(model, mode="logits"), None)
+        except MextractError as exc:
+            note = "; a model file brings none (serve a checkpoint)" if "owner's side" in str(exc) else ""
+            raise typer.BadParameter(f"{exc}{note}", ctx=ctx, param_hint="'--defence'") from None
+        what = model.describe()
+    else:
+        _no_file_flags(ctx, input_shape, classes, value_range, trust)
+        meta = _check(ctx, "victim", read_meta, victim)
+        _check(ctx, "--defence", check_defence_spec, defence, tuple(meta["input_shape"]), meta["num_classes"],
+               meta["architecture"], seed)  # fmt: skip
+        what = meta["architecture"]
     if budget is not None:
         _check_budget(ctx, budget)
     if on_alarm is not AlarmAction.log and not detect:
@@ -572,13 +705,14 @@ def serve(
     api = served_api(victim, defence=defence, mode=mode, k=k, decimals=decimals, precision=precision.value,
                      budget=budget, detect=detect, on_alarm=on_alarm.value, store=store,
                      snapshot_every=snapshot_every, pow=pow, name=name, seed=seed, data_root=data_root,
-                     device=device)  # fmt: skip
+                     device=device, input_shape=input_shape, num_classes=classes, value_range=value_range,
+                     trusted=trust)  # fmt: skip
     app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
     d = api.description
     answers = d.mode.value + (f" (k={d.k})" if d.k else "")
     answers += f" (decimals={d.decimals})" if d.decimals is not None else ""
     console.print(
-        f"serving {meta['architecture']} as {name!r}: inputs {list(d.input_shape)} in {d.value_range}, "
+        f"serving {what} as {name!r}: inputs {list(d.input_shape)} in {d.value_range}, "
         f"{d.num_classes} classes, answers {answers}, defence {defence}"
         + (f", {budget:,} queries per client" if budget else "")
         + (f", accounts and log in {store}" if store else "") + (", proof of work" if pow else ""),
@@ -768,6 +902,9 @@ def matrix(
 
     check_backend(ctx, backend, address)
     _runtime(ctx, device, threads)
+    if jobs > 1 or backend == "ray":
+        where = "Ray tasks" if backend == "ray" else f"{jobs} worker processes"
+        console.print(f"cells run as {where}, {threads or 1} torch thread(s) each", style="dim", markup=False)
     import torch
 
     from mextract.cli.progress import ProgressBars

@@ -469,6 +469,9 @@ def pareto_front(records: Sequence[Record]) -> list[ProtectionPoint]:
             and (r.config.get("variant") or "plain") == "plain"
             and (v := _num(r.metrics.get("test_accuracy"))) is not None
         )
+    plain_ece = _mean(
+        v for r in defences.get(NONE, []) if (v := _num(r.metrics.get("undefended_ece"))) is not None
+    )
     points = []
     for prot in protections(records):
         recs = defences.get(prot, [])
@@ -477,9 +480,12 @@ def pareto_front(records: Sequence[Record]) -> list[ProtectionPoint]:
             return _mean(v for r in recs if (v := _num(r.metrics.get(key))) is not None)
 
         honest, undefended = metric("honest_accuracy"), metric("undefended_accuracy")
+        ece, ece0 = metric("ece"), metric("undefended_ece")
+        variant_of = str(recs[0].config.get("variant") or "plain") if recs else "plain"
+        if variant_of != "plain":  # a protection in the victim itself: its cost is against the plain victim
+            undefended, ece0 = fallback, plain_ece
         if undefended is None and honest is not None:
             undefended = honest if prot == NONE else fallback
-        ece, ece0 = metric("ece"), metric("undefended_ece")
         drop = None if honest is None or undefended is None else undefended - honest
         l1, kl = metric("answer_l1"), metric("answer_kl")
         if prot == NONE:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mextract.errors import UnknownNameError
+from mextract.experiments.analysis import P_VERIFIED
 from mextract.oracle import Oracle, OracleWrapper
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from mextract.experiments.plan import CellSpec
 
 #: p-value below which a mark counts as verified (DAWN's and the cosine watermark's α)
-VERIFIED_P = 1e-3
+VERIFIED_P = P_VERIFIED
 
 
 @dataclass

@@ -25,10 +25,13 @@ from mextract.errors import DataError, InputError, MextractError, UnknownNameErr
 from mextract.experiments.records import Record, same_config
 from mextract.metrics import Evaluator, accuracy
 from mextract.models import (
+    ExternalModel,
     check_model_name,
     create_model,
     default_model_for,
+    is_model_file,
     load_checkpoint,
+    load_external,
     save_checkpoint,
 )
 from mextract.oracle import AnswerMode, APIDescription, Oracle, VictimOracle
@@ -176,9 +179,15 @@ def attack_run(
     device: str | None = None,
     callback: Callback | None = None,
     resume: bool = True,
+    input_shape: Sequence[int] | str | None = None,
+    num_classes: int | None = None,
+    value_range: ValueRange | str | None = None,
+    trusted: Sequence[str] | None = None,
 ) -> Record:
     """Attack the victim checkpoint in ``victim`` (a folder written by :func:`train_victim_run`),
-    or the prediction API at ``url`` (any Open Inference Protocol model endpoint).
+    a model file (``.onnx``, ``.skops``, XGBoost ``.json``/``.ubj``, LightGBM ``.txt``: see
+    :func:`~mextract.models.load_external`), or the prediction API at ``url`` (any Open
+    Inference Protocol model endpoint).
 
     For a checkpoint, the pool and test set come from the victim's dataset and split seed,
     so the pool is disjoint from the victim's training data, unless ``pool_data``/``test_data``
@@ -198,23 +207,36 @@ def attack_run(
     top-1 answers on the test set, asked by a second client (``<client_id>-evaluator``, or
     the evaluator's account) so that the attacker's ledger holds the attack's queries only.
 
+    A model file is read with ``input_shape``, ``num_classes``, ``value_range`` and
+    ``trusted`` where the file does not say (see :func:`~mextract.models.load_external`); its
+    data is given as for a ``url`` (``dataset`` and ``split_seed``, or files), and the
+    record names the file and its SHA-256.
+
     With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the
     substitute is saved beside it.
     """
     if (victim is None) == (url is None):
-        raise InputError("give a victim checkpoint or the url of a prediction API, exactly one")
+        raise InputError("give a victim checkpoint or model file, or a prediction API's url, exactly one")
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if precision not in dtypes:
         raise UnknownNameError("precision", precision, list(dtypes))
     resolve_device(device)
     options = dict(attack_options or {})
     create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
-    if url is not None:
+    external: dict[str, Any] = {"input_shape": input_shape, "num_classes": num_classes,
+                                "value_range": value_range, "trusted": trusted}  # fmt: skip
+    if victim is not None and is_model_file(victim):
+        target = _file_target(Path(victim), external, mode or "probs", k, decimals, dtypes[precision],
+                              dataset, split_seed, pool_data, pool_dataset, test_data, data_root, scale,
+                              seed, device)  # fmt: skip
+    elif url is not None:
         target = _remote_target(url, client_id, (api_key, evaluator_key), mode, k, decimals, dataset,
                                 split_seed, pool_data, pool_dataset, test_data, data_root, scale,
                                 seed)  # fmt: skip
     else:
         assert victim is not None
+        if any(v is not None for v in external.values()):
+            raise InputError("input_shape, num_classes, value_range and trusted are for model files")
         target = _local_target(victim, mode or "probs", k, decimals, dtypes[precision], pool_data,
                                pool_dataset, test_data, data_root, scale, seed, device)  # fmt: skip
     oracle, desc = target.oracle, target.description
@@ -308,6 +330,91 @@ def _pool_and_test_files(
     return pool, test
 
 
+def _attacker_data(
+    like: Dataset,
+    what: str,
+    dataset: str | None,
+    split_seed: int,
+    pool_data: str | Path | None,
+    pool_dataset: str | None,
+    test_data: str | Path | None,
+    data_root: str | Path | None,
+    scale: float | None,
+    seed: int,
+) -> tuple[Dataset, Dataset]:
+    """The attacker's pool and test set for a victim the lab knows only by its inputs and
+    classes (``like``: an empty dataset of its shape, classes and value range): the lab's
+    split of ``dataset`` (its pool and test parts), or the user's files, or a named pool;
+    a pool that shares samples with the test set is refused. ``what`` names the victim in
+    messages ("the API", a file name)."""
+    shape = like.input_shape
+    pool = None if pool_dataset is None else _named_pool(pool_dataset, shape, seed, data_root)
+    if dataset is not None:
+        splits = load_splits(dataset, seed=split_seed, root=data_root, pool_data=pool_data,
+                             test_data=test_data, scale=scale)  # fmt: skip
+        if splits.test.input_shape != shape:
+            raise DataError(f"{dataset}: inputs of shape {splits.test.input_shape}, {what} takes {shape}")
+        test, pool = splits.test, splits.pool if pool is None else pool
+    else:
+        if (pool_data is None and pool is None) or test_data is None:
+            target = "a url" if what == "the API" else what
+            raise DataError(f"to attack {target}, give --dataset, or an attacker pool and test_data")
+        pool, test = _pool_and_test_files(pool, pool_data, test_data, like, scale)
+    if test.num_classes != like.num_classes:
+        answers = "the API answers" if what == "the API" else f"{what} answers"
+        raise DataError(f"the test set has {test.num_classes} classes, {answers} {like.num_classes}")
+    check_disjoint(pool, {"the test set": test})
+    return pool, test
+
+
+def _within(inner: ValueRange, outer: ValueRange) -> bool:
+    low_ok = outer.low is None or (inner.low is not None and inner.low >= outer.low - 1e-6)
+    high_ok = outer.high is None or (inner.high is not None and inner.high <= outer.high + 1e-6)
+    return low_ok and high_ok
+
+
+def _file_target(
+    path: Path,
+    external: dict[str, Any],
+    mode: str,
+    k: int | None,
+    decimals: int | None,
+    dtype: torch.dtype,
+    dataset: str | None,
+    split_seed: int,
+    pool_data: str | Path | None,
+    pool_dataset: str | None,
+    test_data: str | Path | None,
+    data_root: str | Path | None,
+    scale: float | None,
+    seed: int,
+    device: str | None,
+) -> _Target:
+    model = load_external(path, **external)
+    like = _external_template(model)
+    pool, test = _attacker_data(like, path.name, dataset, split_seed, pool_data, pool_dataset, test_data,
+                                data_root, scale, seed)  # fmt: skip
+    data_range = test.declared_range
+    if not _within(data_range, model.value_range):
+        raise DataError(f"the test set's values are declared in {data_range}, outside the range "
+                        f"{model.value_range} that {path.name} takes (give its range)")  # fmt: skip
+    oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtype,
+                          value_range=model.value_range)  # fmt: skip
+    config = {**model.to_json(), "dataset": dataset}
+    if dataset is not None:
+        config["split_seed"] = split_seed
+
+    def evaluator() -> Evaluator:
+        return Evaluator.from_victim(model, test, value_range=model.value_range)
+
+    return _Target(oracle, pool, evaluator, config)
+
+
+def _external_template(model: ExternalModel) -> Dataset:
+    """An empty dataset shaped like a model file's inputs (its classes, declared range)."""
+    return Dataset(torch.empty(0, *model.input_shape), None, model.classes, "template", model.value_range)
+
+
 def _local_target(
     victim: str | Path,
     mode: str,
@@ -386,20 +493,8 @@ def _remote_target(
     shape = oracle.input_shape
     like = Dataset(torch.empty(0, *shape), None, tuple(str(i) for i in range(oracle.num_classes)), "template",
                    oracle.value_range)  # fmt: skip
-    pool = None if pool_dataset is None else _named_pool(pool_dataset, shape, seed, data_root)
-    if dataset is not None:
-        splits = load_splits(dataset, seed=split_seed, root=data_root, pool_data=pool_data,
-                             test_data=test_data, scale=scale)  # fmt: skip
-        if splits.test.input_shape != shape:
-            raise DataError(f"{dataset}: inputs of shape {splits.test.input_shape}, the API takes {shape}")
-        test, pool = splits.test, splits.pool if pool is None else pool
-    else:
-        if (pool_data is None and pool is None) or test_data is None:
-            raise DataError("to attack a url, give --dataset, or an attacker pool and test_data")
-        pool, test = _pool_and_test_files(pool, pool_data, test_data, like, scale)
-    if test.num_classes != oracle.num_classes:
-        raise DataError(f"the test set has {test.num_classes} classes, the API answers {oracle.num_classes}")
-    check_disjoint(pool, {"the test set": test})
+    pool, test = _attacker_data(like, "the API", dataset, split_seed, pool_data, pool_dataset, test_data,
+                                data_root, scale, seed)  # fmt: skip
 
     def evaluator() -> Evaluator:
         with RemoteOracle(url, client_id=f"{cid}-evaluator", api_key=evaluator_key, **stated) as judge:
@@ -427,14 +522,21 @@ def served_api(
     seed: int = 0,
     data_root: str | Path | None = None,
     device: str | None = None,
+    input_shape: Sequence[int] | str | None = None,
+    num_classes: int | None = None,
+    value_range: ValueRange | str | None = None,
+    trusted: Sequence[str] | None = None,
 ) -> ServedAPI:
-    """The prediction API of the victim checkpoint in ``victim``, ready for
+    """The prediction API of the victim checkpoint in ``victim`` (or of a model file, read
+    with ``input_shape``/``num_classes``/``value_range``/``trusted`` where it does not say:
+    see :func:`~mextract.models.load_external`), ready for
     :func:`mextract.server.create_app`: its answer mode, ``defence`` stack and per-client
     ``budget``; with ``detect``, PRADA watches every client (``on_alarm``: what an alarm
     does). With ``store`` (an SQLite file), clients are its accounts, every answer is
     logged there and state survives restarts. The owner's side that some defences need
     (its training data, the victim's architecture) comes from the checkpoint: the lab's
-    split of its dataset, or the owner's training file."""
+    split of its dataset, or the owner's training file. A model file brings no owner's side:
+    the defences that need one (mad, adaptive_misinformation, cosine) and ``pow`` are refused."""
     from mextract.defences.detection import Prada
     from mextract.defences.registry import Owner
     from mextract.server import ServedAPI
@@ -442,15 +544,27 @@ def served_api(
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if precision not in dtypes:
         raise UnknownNameError("precision", precision, list(dtypes))
-    net, meta = load_checkpoint(victim)
-    like = _template(meta)
-    oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
-                          mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtypes[precision],
-                          device=device, value_range=like.declared_range)  # fmt: skip
-    owner = None
-    if defence.strip() not in ("", "none") or pow:
-        owner = Owner(victim=net, train=_owner_data(meta, like, data_root), architecture=meta["architecture"],
-                      seed=seed, device=device)  # fmt: skip
+    owner: Owner | None = None
+    external: dict[str, Any] = {"input_shape": input_shape, "num_classes": num_classes,
+                                "value_range": value_range, "trusted": trusted}  # fmt: skip
+    if is_model_file(victim):
+        if pow:
+            raise InputError("proof of work prices queries on the owner's training data: a model file "
+                             "brings none (serve a checkpoint)")  # fmt: skip
+        model = load_external(victim, **external)
+        oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals,
+                              dtype=dtypes[precision], value_range=model.value_range)  # fmt: skip
+    elif any(v is not None for v in external.values()):
+        raise InputError("input_shape, num_classes, value_range and trusted are for model files")
+    else:
+        net, meta = load_checkpoint(victim)
+        like = _template(meta)
+        oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
+                              mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtypes[precision],
+                              device=device, value_range=like.declared_range)  # fmt: skip
+        if defence.strip() not in ("", "none") or pow:
+            owner = Owner(victim=net, train=_owner_data(meta, like, data_root),
+                          architecture=meta["architecture"], seed=seed, device=device)  # fmt: skip
     gate = None if owner is None or not pow else pow_gate(owner.train, oracle, seed=seed, device=device)
     from mextract.server.store import Store
 

@@ -1,4 +1,5 @@
-"""A local victim behind an oracle: a PyTorch module, a scikit-learn classifier or a callable."""
+"""A local victim behind an oracle: a PyTorch module, a scikit-learn classifier, a model
+loaded from a file (:class:`~mextract.models.external.ExternalModel`) or a callable."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from mextract._utils import resolve_device
 from mextract.data.base import ValueRange
 from mextract.errors import InputError
+from mextract.models.external import ExternalModel
 from mextract.oracle.base import Oracle
 from mextract.oracle.ledger import Ledger
 from mextract.oracle.modes import AnswerMode, restrict
@@ -67,6 +69,26 @@ def _callable_scores(fn: Callable[[np.ndarray], Any]) -> ScoreFn:
     return scores
 
 
+def _restrict_probs(
+    probs: torch.Tensor, mode: AnswerMode, *, k: int | None, decimals: int | None
+) -> torch.Tensor:
+    """The answer of ``mode`` for a victim that answers probabilities: the victim's own
+    probabilities (not ``softmax(log p)``), top-k and rounding of them; logits are the
+    log-probabilities (logits up to a per-row constant)."""
+    if mode is AnswerMode.LOGITS:
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+    if mode is AnswerMode.TOPK:
+        assert k is not None
+        top = probs.topk(min(k, probs.shape[1]), dim=1)
+        return torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+    if mode is AnswerMode.ROUNDED:
+        assert decimals is not None
+        return torch.round(probs, decimals=decimals)
+    if mode is AnswerMode.PROBS:
+        return probs
+    return restrict(probs, mode, k=k, decimals=decimals)  # label: the argmax
+
+
 def _is_sklearn_classifier(obj: Any) -> bool:
     return hasattr(obj, "classes_") and (hasattr(obj, "predict_proba") or hasattr(obj, "decision_function"))
 
@@ -76,11 +98,15 @@ class VictimOracle(Oracle):
 
     Args:
         victim: an ``nn.Module`` returning logits, a fitted scikit-learn classifier
-            (``decision_function`` for logistic regression, else ``predict_proba``), or any
-            callable mapping a numpy batch ``(N, *input_shape)`` to logits ``(N, K)``.
+            (``decision_function`` for logistic regression, else ``predict_proba``), a model
+            loaded from a file (:func:`~mextract.models.load_external`; it answers logits or
+            probabilities, and mode ``probs`` returns its own probabilities, ``logits`` their
+            logarithms), or any callable mapping a numpy batch ``(N, *input_shape)`` to
+            logits ``(N, K)``.
         input_shape: the shape of one input (e.g. ``(1, 28, 28)`` or ``(30,)``); optional for
-            scikit-learn victims (read from ``n_features_in_``).
-        num_classes: ``K``; optional for scikit-learn victims (read from ``classes_``).
+            scikit-learn victims (read from ``n_features_in_``) and model files.
+        num_classes: ``K``; optional for scikit-learn victims (read from ``classes_``) and
+            model files.
         mode: the answer mode (see :mod:`mextract.oracle.modes`).
         k: classes revealed by mode ``topk``; decimals: digits kept by mode ``rounded``.
         budget: hard limit on answered samples, checked before the victim is called.
@@ -125,8 +151,20 @@ class VictimOracle(Oracle):
             raise InputError(f"batch_size: expected a positive integer, got {batch_size}")
         self.k, self.decimals, self.dtype, self.batch_size = k, decimals, dtype, batch_size
         self._ledger = Ledger(budget, log=log)
+        self._answers_probs = False  # the victim's scores are probabilities, not logits
 
-        if isinstance(victim, nn.Module):
+        if isinstance(victim, ExternalModel):
+            name = victim.path.name
+            if input_shape is not None and tuple(int(s) for s in input_shape) != victim.input_shape:
+                raise InputError(f"input_shape: {name} takes {victim.input_shape}, got {input_shape}")
+            if num_classes is not None and num_classes != victim.num_classes:
+                raise InputError(f"num_classes: {name} has {victim.num_classes}, got {num_classes}")
+            input_shape, num_classes = victim.input_shape, victim.num_classes
+            if value_range is None:
+                self.value_range = victim.value_range
+            self._scores = _callable_scores(victim)
+            self._answers_probs = victim.output == "probs"
+        elif isinstance(victim, nn.Module):
             self._scores = _torch_scores(victim, dtype, resolve_device(device))
         elif _is_sklearn_classifier(victim):
             self._scores = _sklearn_scores(victim)
@@ -179,7 +217,10 @@ class VictimOracle(Oracle):
         except BaseException:
             self._ledger.refund(n)
             raise
-        answers = restrict(logits, self.mode, k=self.k, decimals=self.decimals)
+        if self._answers_probs:
+            answers = _restrict_probs(logits, self.mode, k=self.k, decimals=self.decimals)
+        else:
+            answers = restrict(logits, self.mode, k=self.k, decimals=self.decimals)
         self._ledger.record(x, answers)
         return answers
 
