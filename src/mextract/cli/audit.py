@@ -152,7 +152,9 @@ def audit(
         except MextractError as exc:
             raise typer.BadParameter(str(exc), ctx=ctx, param_hint="'--url'") from None
         # the workers read the keys from the environment: they are never written to a record
-        for name, value in (("MEXTRACT_API_KEY", api_key), ("MEXTRACT_EVALUATOR_KEY", evaluator_key)):
+        from mextract.experiments.cells import API_KEY_ENV, EVALUATOR_KEY_ENV
+
+        for name, value in ((API_KEY_ENV, api_key), (EVALUATOR_KEY_ENV, evaluator_key)):
             if value is not None:
                 os.environ[name] = value
         spec = VictimSpec(dataset=dataset, url=url)
@@ -163,7 +165,7 @@ def audit(
     elif victim is None:
         spec = VictimSpec(dataset="mnist")
     else:
-        from mextract.models import read_meta
+        from mextract.models import read_meta, split_seed_of
 
         try:
             meta = read_meta(victim)
@@ -175,7 +177,7 @@ def audit(
                 ctx=ctx,
                 param_hint="'VICTIM'",
             )
-        split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+        split_seed = split_seed_of(meta)
         preset = "fast"  # the recipe variants (trigger, adversarial) are retrained with
         record = victim.parent / "victim.json"  # train-victim's record beside the checkpoint
         if record.is_file():

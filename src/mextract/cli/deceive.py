@@ -263,9 +263,9 @@ def _run(
     from mextract.data import load_splits
     from mextract.deception import transfer_table
     from mextract.metrics import agreement, predict_labels
-    from mextract.models import load_checkpoint
+    from mextract.models import load_checkpoint, split_seed_of
 
-    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    split_seed = split_seed_of(meta)
     splits = load_splits(meta["dataset"], seed=split_seed, root=meta.get("data_root"))
     test = splits.test
     if test.y is None:

@@ -38,8 +38,9 @@ from mextract.experiments.measures import MEASURES, CellContext, VictimContext
 from mextract.experiments.plan import CellSpec, VictimSpec
 from mextract.experiments.records import Record
 from mextract.metrics import Evaluator, answer_probs, answer_shift, expected_calibration_error, predict_probs
-from mextract.models import load_checkpoint
+from mextract.models import load_checkpoint, split_seed_of
 from mextract.oracle import APIDescription, Oracle, VictimOracle
+from mextract.oracle.base import oracle_layers
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _victim_splits(meta: dict[str, Any]) -> Any:
     dataset = meta.get("dataset")
     if dataset is None:
         raise DataError("this victim was trained on files only: an audit needs a victim of a named dataset")
-    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    split_seed = split_seed_of(meta)
     return load_splits(dataset, seed=split_seed, root=meta.get("data_root"))
 
 
@@ -325,6 +326,23 @@ def _run_thief(
     ):
         options["pool_labels"] = pool.y  # the pool's own labels (adaptive Knockoff's taxonomy)
     api = defended_api(v, spec.api_spec, client_id=f"mextract-audit-{spec.key(v.digest)[:12]}")
+    try:
+        return _steal(v, spec, api, name, options, pool, device, callback)
+    finally:
+        _close(api)  # a remote API's client lives for one cell, whatever happens in it
+
+
+def _steal(
+    v: VictimContext,
+    spec: CellSpec,
+    api: Oracle,
+    name: str,
+    options: dict[str, Any],
+    pool: Dataset | None,
+    device: str | None,
+    callback: Callback | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The thief's run against ``api``, then PRADA's report and every measure."""
     monitor = Prada() if spec.detect else None
     attacked = api if monitor is None else monitor.client("attacker", api)
     evaluator = _evaluator(v)
@@ -368,14 +386,11 @@ def _run_thief(
             found = MEASURES[m].measure(ctx)
         if found is not None:
             metrics.update(found)
-    _close(api)
     return metrics, [asdict(h) for h in result.history]
 
 
 def _close(api: Oracle) -> None:
-    """Close a remote API's connections (a thief's client lives for one cell)."""
-    from mextract.oracle.base import oracle_layers
-
+    """Close a remote API's connections."""
     for layer in oracle_layers(api):
         close = getattr(layer, "close", None)
         if callable(close):

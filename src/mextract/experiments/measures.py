@@ -23,7 +23,8 @@ from torch import nn
 
 from mextract.errors import UnknownNameError
 from mextract.experiments.analysis import P_VERIFIED
-from mextract.oracle import Oracle, OracleWrapper
+from mextract.oracle import Oracle
+from mextract.oracle.base import oracle_layers
 
 if TYPE_CHECKING:
     from mextract.data import Splits
@@ -91,12 +92,7 @@ def check_measures(names: tuple[str, ...] | list[str]) -> None:
 
 def find_layer(oracle: Oracle, kind: type) -> Any:
     """The first layer of type ``kind`` in a defence stack, or ``None``."""
-    while True:
-        if isinstance(oracle, kind):
-            return oracle
-        if not isinstance(oracle, OracleWrapper):
-            return None
-        oracle = oracle.inner
+    return next((layer for layer in oracle_layers(oracle) if isinstance(layer, kind)), None)
 
 
 # --------------------------------------------------------------------------- ownership marks

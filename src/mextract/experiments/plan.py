@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -178,9 +177,3 @@ def log_budgets(low: int, high: int) -> list[int]:
         out.update(b for b in (k, 3 * k) if low < b < high)
         k *= 10
     return sorted(out)
-
-
-def seeds_of(n: int) -> Sequence[int]:
-    if n < 1:
-        raise InputError(f"seeds: expected at least 1, got {n}")
-    return range(n)

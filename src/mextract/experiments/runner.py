@@ -33,6 +33,7 @@ from mextract.models import (
     load_checkpoint,
     load_external,
     save_checkpoint,
+    split_seed_of,
 )
 from mextract.oracle import AnswerMode, APIDescription, Oracle, VictimOracle
 from mextract.training import train_victim, victim_recipe
@@ -432,7 +433,7 @@ def _local_target(
     net, meta = load_checkpoint(victim)
     answer_mode = AnswerMode.parse(mode)
     pool = None if pool_dataset is None else _named_pool(pool_dataset, meta["input_shape"], seed, data_root)
-    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    split_seed = split_seed_of(meta)
     dataset = meta.get("dataset")
     like = _template(meta)
     victim_file = meta.get("split", {}).get("files", {}).get("victim_data")
@@ -616,7 +617,7 @@ def _owner_data(meta: dict[str, Any], like: Dataset, data_root: str | Path | Non
         return load_file(victim_file, like=like, require_labels=True, name="victim_train", meta=split)
     if meta.get("dataset") is None:
         raise DataError("the checkpoint names neither a dataset nor the owner's training file")
-    split_seed = int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+    split_seed = split_seed_of(meta)
     root = data_root or meta.get("data_root")
     return load_splits(meta["dataset"], seed=split_seed, root=root).victim_train
 

@@ -37,6 +37,12 @@ def save_checkpoint(directory: str | Path, model: nn.Module, meta: dict[str, Any
     return d
 
 
+def split_seed_of(meta: dict[str, Any]) -> int:
+    """The seed of the data split a victim was trained on (``meta["split"]["seed"]``; older
+    checkpoints: their training seed)."""
+    return int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """A checkpoint's metadata, checked, without building the model or reading weights."""
     d = Path(directory)
