@@ -22,7 +22,7 @@ from mextract.attacks.selection import (
 from mextract.attacks.semi import SemiSupervised
 from mextract.errors import InputError, UnknownNameError
 from mextract.metrics import Evaluator
-from mextract.oracle import VictimOracle
+from mextract.oracle import APIDescription, VictimOracle
 from mextract.training import TrainConfig
 
 FAST = TrainConfig(epochs=12, batch_size=32, lr=0.05)
@@ -224,3 +224,41 @@ def test_bad_names_and_parameters(digits_splits, digits_victim) -> None:  # type
     with pytest.raises(InputError, match="bad options"):
         ActiveExtraction(strategy="dfal", strategy_options={"iters": 3})(label_oracle, pool, 50)
     assert label_oracle.ledger.count == 0
+
+
+# --------------------------------------------------------------------- DFAL's adversarial examples
+
+
+def test_dfal_adversarial_examples_cross_the_substitute_boundary() -> None:
+    """Ducoffe & Precioso's DFAL trains on x + r(x), r the DeepFool perturbation: on a linear
+    2-class model (boundary x₀ = 0) the example is x mirrored just past the boundary."""
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+        lin.bias.zero_()
+    model = nn.Sequential(lin)
+    x = torch.tensor([[0.5, 1.0], [-2.0, 0.0]])
+    adv = create_strategy("dfal").adversarial(model, x)  # type: ignore[attr-defined]
+    assert (model(adv).argmax(1) != model(x).argmax(1)).all()
+    # one DeepFool step r = −sign(x₀)(|x₀| + 1e-4/2)·e₀ reaches the boundary (gap 2|x₀|, ‖w‖ = 2);
+    # the example is x + 1.02·r, i.e. x₀ ↦ −sign(x₀)(0.02|x₀| + 1.02·5e-5)
+    torch.testing.assert_close(adv[:, 1], x[:, 1])
+    expected = -x[:, 0].sign() * (0.02 * x[:, 0].abs() + 1.02 * 5e-5)
+    torch.testing.assert_close(adv[:, 0], expected, atol=1e-5, rtol=0)
+
+
+def test_dfal_with_adversarial_examples_spends_only_its_budget(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InputError, match="needs a 'dfal'"):
+        ActiveExtraction(strategy="kcenter", adversarial_examples=True).check_params(
+            APIDescription.of(VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10)), None, 10
+        )
+    ev = Evaluator.from_victim(digits_victim, digits_splits.test)
+    attack = ActiveExtraction(
+        strategy="dfal", strategy_options={"max_iter": 4, "classes": 3}, adversarial_examples=True,
+        train=FAST, rounds=3, round_epochs=4,
+    )  # fmt: skip
+    victim = Counting(digits_victim)
+    oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="label")
+    result = attack(oracle, digits_splits.pool, 150, substitute="cnn", evaluator=ev, seed=0)
+    assert result.queries == oracle.ledger.count == victim.evaluated == 150  # the examples cost nothing
+    assert result.metrics["fidelity"] >= 0.6, result.metrics  # chance is ~0.1

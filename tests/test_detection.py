@@ -191,3 +191,25 @@ def test_bad_inputs() -> None:
         monitor.observe(0, torch.zeros(3, 5), torch.zeros(3))
     with pytest.raises(InputError, match="Oracle"):
         PradaClient(object(), monitor, 0)  # type: ignore[arg-type]
+
+
+def test_class_pooling_state_round_trips_and_old_states_still_load() -> None:
+    """``min_class_distances`` needs each distance's class: it is saved with the state; a
+    state saved before that key existed loads with one unknown class for all its distances."""
+    x, c = gaussian_stream(150, dim=8)
+    c = torch.arange(150) % 3
+    a = Prada(min_distances=20, min_class_distances=10)
+    a.observe("c", x[:100], c[:100])
+    state = a.client_state_dict("c")
+    assert state["distance_classes"] == [int(v) for v in c[3:100]]  # the first of each class: none
+    b = Prada(min_distances=20, min_class_distances=10)
+    b.load_client_state_dict("c", state)
+    a.observe("c", x[100:], c[100:])
+    b.observe("c", x[100:], c[100:])
+    assert a.report("c") == b.report("c")
+    old = {k: v for k, v in state.items() if k != "distance_classes"}
+    legacy = Prada(min_distances=20)
+    legacy.load_client_state_dict("c", old)
+    assert legacy.report("c").distances == len(state["distances"])
+    with pytest.raises(InputError, match="one class per distance"):
+        legacy.load_client_state_dict("c", {**state, "distance_classes": [0]})

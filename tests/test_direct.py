@@ -66,7 +66,9 @@ def test_binary_logreg_exact_with_d_plus_1_queries(cancer_lr, mode):
     d = est.n_features_in_
     oracle = _oracle(est, mode=mode)
     res = EquationSolving()(oracle, None, 1000, seed=0)
-    assert res.queries == oracle.ledger.count == d + 1
+    # d + 1 equations, then the default check on 16 fresh queries (counted and reported)
+    assert res.queries == oracle.ledger.count == d + 1 + 16
+    assert res.metrics["verify_queries"] == 16 and res.metrics["design_rounds"] == 1
     w, b = sklearn_linear_params(est)
     err = linear_error(res.model, w, b, gauge="raw" if mode == "logits" else "class0")
     assert err.max_rel_error < 1e-9
@@ -77,8 +79,9 @@ def test_softmax_regression_exact_from_probs(wine_lr):
     est, x = wine_lr
     d, k = est.n_features_in_, len(est.classes_)
     oracle = _oracle(est, mode="probs")
-    res = EquationSolving()(oracle, None, d + 1, seed=0)
+    res = EquationSolving(verify=0)(oracle, None, d + 1, seed=0)
     assert res.queries == d + 1 and k == 3
+    assert res.metrics["verify_queries"] == 0
     assert linear_error(res.model, est.coef_, est.intercept_).max_rel_error < 1e-9
     pred = res.model(torch.from_numpy(x)).argmax(1).numpy()
     assert (pred == est.predict(x)).all()
@@ -88,7 +91,7 @@ def test_torch_linear_model_logits_exact():
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).double()
     oracle = _oracle(lin, input_shape=(3, 4), num_classes=4, mode="logits")
-    res = EquationSolving()(oracle, None, 13, seed=0)
+    res = EquationSolving(verify=0)(oracle, None, 13, seed=0)
     assert res.queries == 13
     w, b = lin[1].weight.detach().numpy(), lin[1].bias.detach().numpy()
     assert linear_error(res.model, w, b, gauge="raw").max_rel_error < 1e-12

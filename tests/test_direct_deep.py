@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mextract.attacks.direct import AnswerModeError, DirectExtractionError
+from mextract.attacks.direct import AnswerModeError, DirectExtractionError, UnsupportedVictimError
 from mextract.attacks.direct.deep import ReLU2Cryptanalysis, align_relu2, relu2_model, relu2_parameters
 from mextract.errors import BudgetExceededError, MextractError
 from mextract.oracle import VictimOracle
@@ -98,3 +98,24 @@ def test_relu2_model_round_trip():
     with torch.no_grad():
         assert torch.equal(again(x), net(x))
     assert align_relu2(again, net).max_rel_error < 1e-14
+
+
+def test_relu2_checks_on_fresh_counted_queries_by_default():
+    net = _net2(10, 8, 6, 2, 2)
+    oracle = _oracle(net, 10, 2)
+    res = ReLU2Cryptanalysis()(oracle, None, 100_000, seed=2)
+    assert res.metrics["verify_queries"] == 256 and res.metrics["verify_tol"] == 1e-7
+    assert res.metrics["answer_eps"] == pytest.approx(2.22e-16, rel=1e-2)
+    assert res.queries == oracle.ledger.count > 256
+    smaller = ReLU2Cryptanalysis(verify_queries=64)(_oracle(net, 10, 2), None, 100_000, seed=2)
+    assert res.queries - smaller.queries >= 192  # the check's queries are counted
+
+
+def test_relu2_refuses_float32_answers_before_querying():
+    net = _net2(10, 8, 6, 2, 2)
+    oracle = VictimOracle(
+        net, input_shape=(10,), num_classes=2, mode="logits", dtype=torch.float32, device="cpu"
+    )
+    with pytest.raises(UnsupportedVictimError, match="float64"):
+        ReLU2Cryptanalysis()(oracle, None, 100_000, seed=0)
+    assert oracle.ledger.count == 0

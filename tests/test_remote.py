@@ -68,8 +68,44 @@ DIRECT: dict[str, tuple[list[int], int]] = {
 }
 
 
+#: tabular and tree extraction: attack -> (dataset, answer mode, options, budget)
+TABULAR: dict[str, tuple[str, str, dict[str, Any], int]] = {
+    "tabular": ("wine", "label", {"model": "logreg", "rounds": 3}, 90),
+    "path_finding": ("iris", "leaf", {}, 10_000),
+}
+
+
 def test_the_table_covers_every_registered_attack() -> None:
-    assert set(LEARNING) | set(DIRECT) == set(ATTACKS)
+    assert set(LEARNING) | set(DIRECT) | set(TABULAR) == set(ATTACKS)
+
+
+@pytest.mark.parametrize("name", sorted(TABULAR))
+def test_tabular_and_tree_attacks_run_over_http_exactly_as_locally(name: str) -> None:
+    """The API publishes its record fields; a thief reads them over HTTP and spends as locally."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.tree import DecisionTreeClassifier
+
+    from mextract.data import load_splits
+    from mextract.data.tabular import TabularSchema
+
+    dataset, mode, options, budget = TABULAR[name]
+    splits = load_splits(dataset)
+    schema = TabularSchema.from_json(splits.meta["schema"])
+    assert splits.victim_train.y is not None
+    x, y = splits.victim_train.x.numpy(), splits.victim_train.y.numpy()
+    est = (DecisionTreeClassifier(max_depth=5, random_state=0) if name == "path_finding"
+           else LogisticRegression(max_iter=2000)).fit(x, y)  # fmt: skip
+    ev = Evaluator.from_victim(est, splits.test)
+    want = create_attack(name, **options)(VictimOracle(est, mode=mode, features=schema), None, budget,
+                                          evaluator=ev, seed=0)  # fmt: skip
+    api = ServedAPI(VictimOracle(est, mode=mode, features=schema), name="tab")
+    with running(create_app(api)) as url, RemoteOracle(f"{url}/v2/models/tab", client_id="thief") as remote:
+        assert remote.mode.value == mode and remote.features == schema
+        got = create_attack(name, **options)(remote, None, budget, evaluator=ev, seed=0)
+    assert got.queries == want.queries == remote.ledger.count == api.spent("thief")
+    assert got.metrics["fidelity"] == want.metrics["fidelity"]
+    if name == "path_finding":
+        assert got.metrics["leaves"] == want.metrics["leaves"] == est.get_n_leaves()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ def _victim(mode: str = "probs") -> VictimOracle:
 def test_each_client_has_its_own_ledger_budget_and_evidence() -> None:
     victim = _victim()
     api = ServedAPI(victim, defence='dawn:{"fraction": 0.5}', budget=40)
+    torch.manual_seed(1)
     x, y = torch.rand(30, 1, 4, 4), torch.rand(20, 1, 4, 4)
     a = api.query("alice", x)
     api.query("bob", y)
@@ -39,7 +40,11 @@ def test_each_client_has_its_own_ledger_budget_and_evidence() -> None:
     assert all(any(torch.equal(row, q) for q in y) for row in bx)
     with pytest.raises(BudgetExceededError):
         api.query("alice", x[:11])
-    assert torch.equal(api.query("carol", x), a)  # the same key: the same answers to the same queries
+    # DAWN's decisions are per client: carol's marks on the same queries are not alice's ...
+    assert not torch.equal(api.query("carol", x), a)
+    shared = ServedAPI(_victim(), defence='dawn:{"fraction": 0.5, "per_client": false}')
+    # ... unless one key serves everyone
+    assert torch.equal(shared.query("alice", x), shared.query("carol", x))
     assert api.usage()["alice"] == {"spent": 30, "remaining": 10}
 
 

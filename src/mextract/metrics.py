@@ -4,6 +4,9 @@ Fidelity follows the sources (and Jagielski et al. 2020, "fidelity" vs "accuracy
 fraction of test inputs on which the substitute's top-1 class equals the victim's.
 The victim's test-set labels are the experimenter's reference, computed once by the
 owner side (:meth:`Evaluator.from_victim`) and never charged to the attacker's budget.
+
+Faithfulness (each metric against scikit-learn, SciPy or a worked example):
+``docs/faithfulness.md#metrics``.
 """
 
 from __future__ import annotations

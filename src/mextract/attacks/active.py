@@ -26,6 +26,13 @@ when ``semi`` is set, with FixMatch on the unqueried rest of the pool
 The history gets one point per round (the selection substitute) and the final training's
 usual ~10 points.
 
+DFAL's adversarial examples (``adversarial_examples=True``, with a ``dfal`` or
+``dfal_kcenter`` strategy): as Ducoffe & Precioso publish DFAL, each round's chosen points'
+DeepFool adversarial examples (against the selection substitute, clipped to the API's value
+range) join the training set with the answers queried for the points themselves — twice
+the training data for no extra query. Off by default (DFAL as a selection strategy only).
+Faithfulness: ``docs/faithfulness.md#dfal``.
+
 Labels: ``"soft"`` distils the answers at temperature ``T = 3`` (the sources; needs a
 soft answer mode), ``"hard"`` trains cross-entropy on their argmax, ``"auto"`` picks soft
 whenever ``oracle.mode.is_soft``.
@@ -42,7 +49,7 @@ from torch import nn
 
 from mextract.attacks.base import Attack, AttackContext
 from mextract.attacks.baselines import SUBSTITUTE_TRAINING
-from mextract.attacks.selection import check_strategy_name, create_strategy
+from mextract.attacks.selection import DFALSelection, check_strategy_name, create_strategy
 from mextract.attacks.semi import SemiSupervised, train_semi
 from mextract.attacks.substitute import hard_targets, query_pool, soft_targets, train_substitute
 from mextract.errors import InputError, UnknownNameError
@@ -71,6 +78,8 @@ class ActiveExtraction(Attack):
     "kcenter"`` (ActiveThief's strongest single strategy on images); the final training is
     the baselines' :data:`~mextract.attacks.baselines.SUBSTITUTE_TRAINING`; selection
     models get ``round_epochs = 10`` warm-started epochs.
+
+    Faithfulness: ``docs/faithfulness.md#active``.
     """
 
     name: ClassVar[str] = "active"
@@ -84,6 +93,7 @@ class ActiveExtraction(Attack):
     round_epochs: int = 10
     retrain: bool = False
     semi: SemiSupervised | None = None
+    adversarial_examples: bool = False
 
     def __post_init__(self) -> None:
         check_strategy_name(self.strategy)
@@ -107,8 +117,23 @@ class ActiveExtraction(Attack):
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rounds" else 1):
                 kind = "a non-negative" if name == "rounds" else "a positive"
                 raise InputError(f"{name}: expected {kind} integer, got {v!r}")
+        if not isinstance(self.adversarial_examples, bool):
+            raise InputError(f"adversarial_examples: expected a bool, got {self.adversarial_examples!r}")
+        if self.adversarial_examples and not isinstance(
+            create_strategy(self.strategy, **self.strategy_options), DFALSelection
+        ):
+            raise InputError(
+                f"adversarial_examples: DFAL's training on its DeepFool examples needs a 'dfal' or "
+                f"'dfal_kcenter' strategy, got {self.strategy!r}"
+            )
         if self.semi is not None and not isinstance(self.semi, SemiSupervised):
             raise InputError(f"semi: expected SemiSupervised or None, got {type(self.semi).__name__}")
+
+    @staticmethod
+    def _clip(x: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        """Inputs kept in the API's declared value range (as cleverhans' DeepFool clips)."""
+        vr = ctx.api.description.value_range
+        return x.clamp(min=vr.low, max=vr.high) if vr.low is not None or vr.high is not None else x
 
     def soft_labels(self, api: APIDescription | Client) -> bool:
         return self.labels == "soft" or (self.labels == "auto" and api.mode.is_soft)
@@ -127,6 +152,7 @@ class ActiveExtraction(Attack):
         queried = torch.zeros(len(pool), dtype=torch.bool)
         chosen_all: list[torch.Tensor] = []
         answers: list[torch.Tensor] = []
+        extra_x: list[torch.Tensor] = []  # DFAL's adversarial examples, one per chosen point after round 0
         model: nn.Module | None = None
         for r, size in enumerate(sizes):
             if r == 0:
@@ -142,9 +168,15 @@ class ActiveExtraction(Attack):
             answers.append(query_pool(ctx, pool[chosen]))
             queried[chosen] = True
             chosen_all.append(chosen)
+            if self.adversarial_examples and r > 0:
+                assert model is not None and isinstance(select, DFALSelection)
+                extra_x.append(self._clip(select.adversarial(model, pool[chosen]), ctx))
             x = pool[torch.cat(chosen_all)]
             raw = torch.cat(answers)
             targets = soft_targets(raw, ctx, temperature) if soft else hard_targets(raw)
+            if extra_x:  # each adversarial example takes the answer queried for its point
+                x = torch.cat([x, *extra_x])
+                targets = torch.cat([targets, targets[len(chosen_all[0]) :]])
             last = r == len(sizes) - 1
             if not last:
                 start = None if self.retrain else model
@@ -166,7 +198,10 @@ class ActiveExtraction(Attack):
 @dataclass(kw_only=True)
 class Marich(ActiveExtraction):
     """The sources' stage-1 MARICH row (Karmakar & Basu, NeurIPS 2023) as a preset:
-    soft labels (KD, T = 3) and the entropy + K-means selection, ActiveThief's schedule."""
+    soft labels (KD, T = 3) and the entropy + K-means selection, ActiveThief's schedule.
+
+    Faithfulness: ``docs/faithfulness.md#marich``.
+    """
 
     name: ClassVar[str] = "marich"
     strategy: str = "entropy_kmeans"
@@ -183,7 +218,10 @@ ACTIVE_HARD_TRAINING = TrainConfig(epochs=20, batch_size=64, lr=0.05)
 class ActiveHard(ActiveExtraction):
     """The sources' stage-2 active hard-label row as a preset: cross-entropy on top-1 labels,
     entropy pre-filter + K-means on BADGE gradient embeddings, a short warm-started schedule
-    (:data:`ACTIVE_HARD_TRAINING`, ``round_epochs = 2``)."""
+    (:data:`ACTIVE_HARD_TRAINING`, ``round_epochs = 2``).
+
+    Faithfulness: ``docs/faithfulness.md#active-hard``.
+    """
 
     name: ClassVar[str] = "active_hard"
     strategy: str = "entropy_kmeans_grad"

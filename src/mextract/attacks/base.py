@@ -28,7 +28,7 @@ from mextract._utils import as_tensor, check_shape, resolve_device, seeded
 from mextract.data.base import Dataset
 from mextract.errors import InputError
 from mextract.metrics import Evaluator
-from mextract.oracle import APIDescription, Client, Oracle
+from mextract.oracle import AnswerMode, APIDescription, Client, Oracle
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class Attack(ABC):
 
     name: ClassVar[str] = "attack"
     needs_pool: ClassVar[bool] = True
+    #: reads answers in mode ``leaf`` (a tree node's distribution and identifier, one column
+    #: more than the classes); every other attack refuses that mode
+    leaf_answers: ClassVar[bool] = False
 
     def __call__(
         self,
@@ -172,7 +175,7 @@ class Attack(ABC):
         x_pool = _pool_tensor(pool, api)
         if self.needs_pool and (x_pool is None or len(x_pool) == 0):
             raise InputError(f"attack {self.name!r} needs a non-empty attacker pool")
-        self.check_params(api, x_pool, budget)
+        self.check_api(api, x_pool, budget)
         check_budget(self, budget, None if x_pool is None else len(x_pool))
         start = time.perf_counter()
         history: list[HistoryPoint] = []
@@ -222,6 +225,17 @@ class Attack(ABC):
             metrics=metrics,
             config={"seed": seed, **self.config()},
         )
+
+    def check_api(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
+        """Everything checked against the API's description before any query (the command line
+        calls it before any work): the answer mode this attack can read, then
+        :meth:`check_params`."""
+        if api.mode is AnswerMode.LEAF and not self.leaf_answers:
+            raise InputError(
+                f"attack {self.name!r} reads class scores; this API answers in mode 'leaf' (a tree node's "
+                "distribution and identifier): use path_finding"
+            )
+        self.check_params(api, pool, budget)
 
     def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:  # noqa: B027
         """Validate the attack's own parameters against the API's public description (override

@@ -37,6 +37,8 @@ class KnockoffDistillation(Attack):
     Soft answer modes (probs, top-k, rounded, logits) are read as probability vectors;
     against a label-only oracle the loss reduces to cross-entropy on one-hot targets.
     ``semi`` adds FixMatch on the unqueried pool (no extra query; :mod:`~mextract.attacks.semi`).
+
+    Faithfulness: ``docs/faithfulness.md#kd``.
     """
 
     name: ClassVar[str] = "kd"
@@ -64,7 +66,10 @@ class KnockoffDistillation(Attack):
 class HardLabel(Attack):
     """Stage-2 baseline ("basic"): query a random subset of the pool for its top-1 labels,
     train with cross-entropy. Only the argmax of each answer is used, whatever the mode.
-    ``semi`` adds FixMatch on the unqueried pool (no extra query)."""
+    ``semi`` adds FixMatch on the unqueried pool (no extra query).
+
+    Faithfulness: ``docs/faithfulness.md#hard``.
+    """
 
     name: ClassVar[str] = "hard"
     train: TrainConfig = SUBSTITUTE_TRAINING

@@ -126,6 +126,8 @@ class DataFreeExtraction(Attack):
     lr_generator 1e-4 (Adam), lr_steps (0.1, 0.3, 0.5) of the iterations, lr_decay 0.3,
     evaluations: how many times the history scores the substitute.
     See the module docstring for the query accounting.
+
+    Faithfulness: ``docs/faithfulness.md#dfme``.
     """
 
     name: ClassVar[str] = "dfme"

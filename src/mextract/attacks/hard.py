@@ -135,6 +135,8 @@ class HardAugment(Attack):
 
     Queries: exactly ``budget`` — one per augmented view, in chunks via :func:`query_pool`;
     nothing else is asked. Image inputs ``(C, H, W)`` only.
+
+    Faithfulness: ``docs/faithfulness.md#hard-augment``.
     """
 
     name: ClassVar[str] = "hard_augment"
@@ -198,6 +200,8 @@ class HardBoundary(Attack):
     the ledger runs dry — e.g. an oracle whose own budget is smaller than the attack's —
     so the search never raises ``BudgetExceededError``. ``steps = 10`` follows the
     sources. Works for any input shape (the segment is taken in input space).
+
+    Faithfulness: ``docs/faithfulness.md#hard-boundary``.
     """
 
     name: ClassVar[str] = "hard_boundary"
@@ -284,6 +288,8 @@ class HardMixup(Attack):
     (at least 2 when the budget allows), so budgets beyond twice the pool all go to
     mixtures. Queries: exactly ``S + M = budget`` (one per endpoint, one per mixed image).
     Works for any input shape (mixing is in input space, as in Zhang et al.).
+
+    Faithfulness: ``docs/faithfulness.md#hard-mixup``.
     """
 
     name: ClassVar[str] = "hard_mixup"

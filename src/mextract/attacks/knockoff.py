@@ -138,6 +138,8 @@ class KnockoffNets(Attack):
 
     After an adaptive run, ``last_arm_counts`` holds the queries spent on each pool class
     (in the order of the sorted distinct labels, or of the k-means clusters).
+
+    Faithfulness: ``docs/faithfulness.md#knockoff``.
     """
 
     name: ClassVar[str] = "knockoff"

@@ -16,6 +16,8 @@ from mextract.attacks.knockoff import KnockoffNets
 from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
+from mextract.attacks.tabular import TabularExtraction
+from mextract.attacks.tree import TreePathFinding
 from mextract.errors import InputError, MextractError, UnknownNameError
 from mextract.oracle import APIDescription
 
@@ -27,6 +29,7 @@ ATTACKS: dict[str, type[Attack]] = {
     HardMixup.name: HardMixup,
     ErasingDistillation.name: ErasingDistillation,
     SPSG.name: SPSG,
+    TabularExtraction.name: TabularExtraction,
     ActiveExtraction.name: ActiveExtraction,
     Marich.name: Marich,
     ActiveHard.name: ActiveHard,
@@ -35,6 +38,7 @@ ATTACKS: dict[str, type[Attack]] = {
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
     ReLU2Cryptanalysis.name: ReLU2Cryptanalysis,
+    TreePathFinding.name: TreePathFinding,
 }
 
 
@@ -55,7 +59,7 @@ def check_attack_spec(spec: str, api: APIDescription | None = None, budget: int 
     try:
         attack = create_attack(name, **options)
         if api is not None:
-            attack.check_params(api, None, budget)
+            attack.check_api(api, None, budget)
         return attack
     except UnknownNameError:
         raise

@@ -230,7 +230,6 @@ def gradient_embedding(logits: torch.Tensor, features: torch.Tensor) -> torch.Te
     return (p.unsqueeze(2) * features.unsqueeze(1)).flatten(1)
 
 
-@torch.enable_grad()
 def deepfool_norms(
     model: nn.Module,
     x: torch.Tensor,
@@ -240,7 +239,25 @@ def deepfool_norms(
     classes: int = 4,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """L2 norm of the multi-class DeepFool perturbation (Moosavi-Dezfooli et al. 2016) per row.
+    """L2 norm of the multi-class DeepFool perturbation (Moosavi-Dezfooli et al. 2016) per row
+    (see :func:`deepfool_perturbations`). Returns ``‖(1 + overshoot)·r‖₂`` (CPU, float32)."""
+    r = deepfool_perturbations(
+        model, x, max_iter=max_iter, overshoot=overshoot, classes=classes, batch_size=batch_size
+    )
+    return r.flatten(1).norm(dim=1)
+
+
+@torch.enable_grad()
+def deepfool_perturbations(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    max_iter: int = 10,
+    overshoot: float = 0.02,
+    classes: int = 4,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """The multi-class DeepFool perturbation (Moosavi-Dezfooli et al. 2016) of each row.
 
     Batched: each chunk of ``batch_size`` rows is attacked together; a row leaves the
     active set as soon as ``x + (1 + overshoot)·r`` changes the model's label. Only the
@@ -249,13 +266,14 @@ def deepfool_norms(
     linearises their logit differences at the current point, steps to the nearest
     linearised boundary (plus 1e-4, as in DeepFool) and accumulates ``r``. Rows still unflipped after
     ``max_iter`` iterations keep their accumulated norm (a lower bound; they are among the
-    farthest anyway). Returns ``‖(1 + overshoot)·r‖₂`` (CPU, float32).
+    farthest anyway). Returns ``(1 + overshoot)·r`` (CPU, float32, shaped like ``x``):
+    ``x + `` it is the adversarial example.
     """
     dev = _device(model)
     was_training = model.training
     model.eval()
     c = max(2, classes)
-    out = torch.zeros(len(x))
+    out = torch.zeros(x.shape, dtype=torch.float32)
     try:
         for s in range(0, len(x), batch_size):
             x0 = x[s : s + batch_size].to(dev)
@@ -293,7 +311,7 @@ def deepfool_norms(
                 step = ((fd.abs()[ar, best] + 1e-4) / wn[ar, best] ** 2).unsqueeze(1) * w[ar, best]
                 upd = idx[still]
                 r_tot[upd] += step[still].view_as(r_tot[upd])
-            out[s : s + batch_size] = ((1 + overshoot) * r_tot).flatten(1).norm(dim=1).detach().cpu()
+            out[s : s + batch_size] = ((1 + overshoot) * r_tot).detach().float().cpu()
     finally:
         model.train(was_training)
     return out
@@ -357,6 +375,13 @@ class KCenterSelection:
 class DFALSelection:
     """DFAL (Ducoffe & Precioso 2018): smallest DeepFool perturbation against the substitute first.
 
+    As a strategy it only *ranks*: the published DFAL also adds each chosen point's DeepFool
+    adversarial example to the training set, labelled with the point's queried label; that
+    is :class:`~mextract.attacks.active.ActiveExtraction`'s ``adversarial_examples=True``
+    (off by default: this lab's ActiveThief loop uses DFAL for selection only; measured in the
+    faithfulness table).
+    Faithfulness: ``docs/faithfulness.md#dfal``.
+
     ``overshoot = 0.02`` as in DeepFool and DFAL; ``max_iter`` bounds the iterations
     (DFAL uses cleverhans' 50; 10 suffice to rank: the nearest points flip in 1–3);
     ``classes`` limits the linearised classes to the most likely ones (see
@@ -381,6 +406,16 @@ class DFALSelection:
         return deepfool_norms(
             model, x, max_iter=self.max_iter, overshoot=self.overshoot, classes=self.classes
         )
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """DFAL's adversarial examples of ``x`` against ``model``: ``x`` plus its DeepFool
+        perturbation (the published DFAL adds them to the training set with the label
+        queried for ``x``; :class:`~mextract.attacks.active.ActiveExtraction`'s
+        ``adversarial_examples`` option)."""
+        r = deepfool_perturbations(
+            model, x, max_iter=self.max_iter, overshoot=self.overshoot, classes=self.classes
+        )
+        return x + r.to(x.dtype)
 
     def __call__(
         self, model: nn.Module, pool_x: torch.Tensor, candidates: torch.Tensor, labeled: torch.Tensor,

@@ -49,6 +49,8 @@ class ErasingDistillation(KnockoffDistillation):
     erasing is free. Soft answer modes are read as probability vectors (``soft_targets``);
     against a label-only oracle the loss reduces to cross-entropy on one-hot targets, as
     for ``kd``. Images only (inputs shaped ``(C, H, W)``).
+
+    Faithfulness: ``docs/faithfulness.md#kd-erasing``.
     """
 
     name: ClassVar[str] = "kd_erasing"

@@ -106,6 +106,8 @@ class SPSG(Attack):
     Needs soft answers (probs, logits, rounded; top-k is accepted and read renormalised,
     so classes outside the top k have zero estimated gradient); refuses label-only
     oracles, whose finite differences are almost everywhere zero. Images only.
+
+    Faithfulness: ``docs/faithfulness.md#spsg``.
     """
 
     name: ClassVar[str] = "spsg"

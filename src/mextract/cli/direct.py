@@ -70,11 +70,12 @@ def run(
     epochs: int = typer.Option(5, min=1, help="training epochs of a relu1 victim"),
     budget: int = typer.Option(1_000_000, min=1, help="query budget"),
     seed: int = typer.Option(0, help="seed of the victim and the attack"),
+    float32: bool = typer.Option(False, "--float32", help="serve float32 answers (as most APIs do)"),
     threads: int | None = typer.Option(
         None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, else one per core)."
     ),
 ) -> None:
-    """Extract a one-hidden-layer ReLU victim from float64 logits and report the error."""
+    """Extract a one-hidden-layer ReLU victim from its logits and report the error."""
     from mextract.attacks.direct import ReLUCryptanalysis, align_relu1, query_floor
     from mextract.cli.runtime import configure_runtime
     from mextract.data import dataset_info
@@ -109,8 +110,9 @@ def run(
         shape = tuple(test.shape[1:])
     with torch.no_grad():
         k = int(net(test[:1]).shape[1])
+    answer_dtype = torch.float32 if float32 else torch.float64
     oracle = VictimOracle(
-        net, input_shape=shape, num_classes=k, mode="logits", dtype=torch.float64, device="cpu"
+        net, input_shape=shape, num_classes=k, mode="logits", dtype=answer_dtype, device="cpu"
     )
     with console.status("extracting ..."):
         res = ReLUCryptanalysis()(oracle, None, budget, seed=seed)
@@ -134,6 +136,12 @@ def run(
         ("floor P/K", f"{floor:.1f}"),
         ("queries / floor", f"{res.queries / floor:.2f}"),
         ("wall time (s)", f"{res.wall_time_s:.2f}"),
+        ("answers", str(answer_dtype).removeprefix("torch.")),
+        (
+            "check on fresh queries (counted)",
+            f"{int(res.metrics.get('verify_queries', 0))}, rel. error "
+            f"{res.metrics.get('verify_rel_error', float('nan')):.2g}",
+        ),
         ("units matched", f"{al.matched}/{h}"),
         ("max rel. parameter error", f"{al.max_rel_error:.3g}"),
         ("fidelity (test)", f"{100 * fid['test']:.2f}%"),

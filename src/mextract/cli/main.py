@@ -105,6 +105,24 @@ Trust = Annotated[
     typer.Option(help="With a .skops file: a type to trust beyond skops' defaults (repeatable); only "
                  "for files you trust, since loading them runs their code."),
 ]  # fmt: skip
+#: the user's table (docs/tabular.md): a CSV or Parquet file, its class column and feature types
+TableFile = Annotated[
+    Path | None,
+    typer.Option("--data", exists=True, dir_okay=False,
+                 help="Your table (.csv, .tsv, .parquet) instead of --dataset; needs --target."),
+]  # fmt: skip
+TargetColumn = Annotated[str | None, typer.Option(help="With --data: the column holding the class.")]
+Categorical = Annotated[
+    list[str] | None,
+    typer.Option(help="With --data: a numeric column to treat as categories (repeatable; text columns "
+                 "are categorical anyway)."),
+]  # fmt: skip
+Ordinal = Annotated[
+    list[str] | None, typer.Option(help="With --data: a column of ordered levels (repeatable).")
+]
+Drop = Annotated[
+    list[str] | None, typer.Option(help="With --data: a column to leave out, e.g. an ID (repeatable).")
+]
 VICTIM_HELP = ("A victim checkpoint folder (from train-victim), or a model file: .onnx, .skops, XGBoost "
                ".json/.ubj, LightGBM .txt")  # fmt: skip
 
@@ -143,6 +161,38 @@ def _runtime(ctx: typer.Context, device: str, threads: int | None) -> None:
 
     _check(ctx, "--device", resolve_device, device)
     console.print(_check(ctx, "--threads", configure_runtime, device, threads), style="dim", markup=False)
+
+
+def _table_dataset(
+    ctx: typer.Context,
+    dataset: str | None,
+    data: Path | None,
+    target: str | None,
+    categorical: list[str] | None,
+    ordinal: list[str] | None,
+    drop: list[str] | None,
+) -> str | None:
+    """``--data FILE --target COL`` (and its feature flags) as a dataset spec, checked by
+    reading the file; else ``dataset`` as given."""
+    if data is None:
+        for name, value in (("--target", target), ("--categorical", categorical), ("--ordinal", ordinal),
+                            ("--drop", drop)):  # fmt: skip
+            if value:
+                raise typer.BadParameter("is for --data", ctx=ctx, param_hint=f"'{name}'")
+        return dataset
+    if dataset is not None:
+        raise typer.BadParameter("give --dataset or --data, not both", ctx=ctx, param_hint="'--data'")
+    if target is None:
+        raise typer.BadParameter("needs --target COLUMN, the column holding the class", ctx=ctx,
+                                 param_hint="'--data'")  # fmt: skip
+    from mextract.data import dataset_info
+    from mextract.data.tabular import table_spec
+
+    spec = table_spec(data, target, categorical=categorical or (), ordinal=ordinal or (), drop=drop or ())
+    with warnings.catch_warnings():  # the file is read again for the run, which shows its warnings
+        warnings.simplefilter("ignore")
+        _check(ctx, "--data", dataset_info, spec)
+    return spec
 
 
 def _check_out(ctx: typer.Context, name: str, path: Path | None) -> None:
@@ -239,7 +289,14 @@ def demo(
 def train_victim(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder: the checkpoint goes to OUT/victim/.")],
-    dataset: Annotated[str, typer.Option(help="A dataset name (see `mextract list`).")] = "mnist",
+    dataset: Annotated[
+        str | None, typer.Option(help="A dataset name (see `mextract list`); default mnist.")
+    ] = None,
+    data: TableFile = None,
+    target: TargetColumn = None,
+    categorical: Categorical = None,
+    ordinal: Ordinal = None,
+    drop: Drop = None,
     model: Annotated[str | None, typer.Option(help="A zoo model; default depends on the data.")] = None,
     preset: Annotated[str, typer.Option(help="'fast' (CPU) or 'paper' (the sources' 50 epochs).")] = "fast",
     data_root: DataRoot = None,
@@ -258,6 +315,7 @@ def train_victim(
     from mextract.training import victim_recipe
 
     _check_out(ctx, "--out", out)
+    dataset = _table_dataset(ctx, dataset, data, target, categorical, ordinal, drop) or "mnist"
     info = _check(ctx, "--dataset", dataset_info, dataset, data_root)
     _check_model(ctx, "--model", model, info.input_shape, info.num_classes)
     _check(ctx, "--preset", victim_recipe, preset)
@@ -306,13 +364,18 @@ def attack(
         typer.Option(help="With --url or a model file: pool and test set from the lab's split of this "
                      "dataset."),
     ] = None,
+    data: TableFile = None,
+    target: TargetColumn = None,
+    categorical: Categorical = None,
+    ordinal: Ordinal = None,
+    drop: Drop = None,
     split_seed: Annotated[int, typer.Option(help="With --dataset: the split's seed.")] = 0,
     attack: Annotated[str, typer.Option("--attack", "-a", help="Attack name (see `mextract list`).")] = "kd",
     budget: Annotated[int, typer.Option(help="Most queries the attack may spend.")] = 1000,
     mode: Annotated[
         str | None,
-        typer.Option(help="Answer mode: logits, probs (default), topk, rounded, label. With --url: what the "
-                     "API answers, if it does not say."),
+        typer.Option(help="Answer mode: logits, probs (default), topk, rounded, label, leaf (a tree .skops "
+                     "file). With --url: what the API answers, if it does not say."),
     ] = None,
     k: Annotated[int | None, typer.Option(min=1, help="Classes revealed in mode topk.")] = None,
     decimals: Annotated[int | None, typer.Option(min=0, help="Decimals kept in mode rounded.")] = None,
@@ -338,6 +401,11 @@ def attack(
     classes: NumClasses = None,
     value_range: InputRange = None,
     trust: Trust = None,
+    missing: Annotated[
+        str | None,
+        typer.Option(help="With a decision tree .skops file: 'stop' takes incomplete queries (a missing "
+                     "feature stops the path at its node, as BigML does)."),
+    ] = None,
 ) -> None:
     """Steal a saved victim or model file, or a prediction API at --url, and report accuracy, fidelity
     and queries."""
@@ -356,6 +424,10 @@ def attack(
     from mextract.models import is_model_file
 
     is_file = victim is not None and is_model_file(victim)
+    if missing is not None and (not is_file or missing != "stop"):
+        raise typer.BadParameter("expected 'stop', with a decision tree model file (.skops)", ctx=ctx,
+                                 param_hint="'--missing'")  # fmt: skip
+    dataset = _table_dataset(ctx, dataset, data, target, categorical, ordinal, drop)
     if not is_file:
         _no_file_flags(ctx, input_shape, classes, value_range, trust)
     if victim is not None:
@@ -368,6 +440,7 @@ def attack(
         has_data = dataset is not None
         if dataset is not None:
             _check_dataset(ctx, dataset, data_root, api, victim.name)
+            api = _with_schema(ctx, api, dataset, split_seed, data_root)
     elif victim is not None:
         if dataset is not None:
             raise typer.BadParameter("is for --url or a model file (a checkpoint brings its own data)",
@@ -395,7 +468,7 @@ def attack(
         if dataset is not None:
             _check_dataset(ctx, dataset, data_root, api, "the API")
     _check_model(ctx, "--substitute", substitute, api.input_shape, api.num_classes)
-    _check(ctx, "--option" if options else "--mode", atk.check_params, api, None, budget)
+    _check(ctx, "--option" if options else "--mode", atk.check_api, api, None, budget)
     if pool_data is not None and pool_dataset is not None:
         raise typer.BadParameter("give --pool-data or --pool-dataset, not both", ctx=ctx,
                                  param_hint="'--pool-dataset'")  # fmt: skip
@@ -435,6 +508,7 @@ def attack(
             num_classes=classes if is_file else None,
             value_range=value_range if is_file else None,
             trusted=trust if is_file else None,
+            missing=missing,
             k=k,
             decimals=decimals,
             precision=precision.value,
@@ -529,6 +603,20 @@ def _file_api(
                           value_range=model.value_range, dtype=dtype)  # fmt: skip
 
 
+def _with_schema(ctx: typer.Context, api: Any, dataset: str, split_seed: int, data_root: Path | None) -> Any:
+    """The description of a model file served on a tabular split: with the split's fields."""
+    import dataclasses
+
+    from mextract.data import load_splits
+    from mextract.data.tabular import TabularSchema
+
+    if len(api.input_shape) != 1:
+        return api
+    splits = _check(ctx, "--dataset", load_splits, dataset, seed=split_seed, root=data_root)
+    schema = splits.meta.get("schema")
+    return api if schema is None else dataclasses.replace(api, features=TabularSchema.from_json(schema))
+
+
 def _check_dataset(ctx: typer.Context, dataset: str, data_root: Path | None, api: Any, who: str) -> None:
     """A named dataset's inputs and classes must be the victim's (``who``: "the API", a file)."""
     from mextract.data import dataset_info
@@ -560,7 +648,7 @@ def _checkpoint_api(
     import torch
 
     from mextract.data import ValueRange
-    from mextract.models import read_meta
+    from mextract.models import read_meta, schema_of
     from mextract.oracle import APIDescription
 
     meta = _check(ctx, "victim", read_meta, victim)
@@ -571,7 +659,7 @@ def _checkpoint_api(
     dtype = torch.float64 if precision is Precision.float64 else torch.float32
     api = APIDescription(meta["input_shape"], meta["num_classes"], mode=answer_mode, k=k, decimals=decimals,
                          value_range=ValueRange.from_json(meta["value_range"], meta["input_shape"]),
-                         dtype=dtype)  # fmt: skip
+                         dtype=dtype, features=schema_of(meta))  # fmt: skip
     return api, meta.get("dataset") is not None
 
 
@@ -605,7 +693,9 @@ def serve(
     defence: Annotated[
         str, typer.Option("--defence", "-d", help="Defence spec, e.g. 'dawn+label_only' (`mextract list`).")
     ] = "none",
-    mode: Annotated[str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label.")] = "probs",
+    mode: Annotated[
+        str, typer.Option(help="Answer mode: logits, probs, topk, rounded, label, leaf (trees).")
+    ] = "probs",
     k: Annotated[int | None, typer.Option(min=1, help="Classes revealed in mode topk.")] = None,
     decimals: Annotated[int | None, typer.Option(min=0, help="Decimals kept in mode rounded.")] = None,
     precision: Annotated[
@@ -644,6 +734,21 @@ def serve(
     classes: NumClasses = None,
     value_range: InputRange = None,
     trust: Trust = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="With a tabular model file: publish the record fields of this dataset's split."),
+    ] = None,
+    data: TableFile = None,
+    target: TargetColumn = None,
+    categorical: Categorical = None,
+    ordinal: Ordinal = None,
+    drop: Drop = None,
+    split_seed: Annotated[int, typer.Option(help="With --dataset or --data: the split's seed.")] = 0,
+    missing: Annotated[
+        str | None,
+        typer.Option(help="With a decision tree .skops file: 'stop' takes incomplete queries (NaN: a "
+                     "missing feature stops the path at its node, as BigML does)."),
+    ] = None,
 ) -> None:
     """Serve a victim (checkpoint or model file) as a prediction API (Open Inference Protocol REST:
     Triton's, KServe's)."""
@@ -654,6 +759,12 @@ def serve(
     from mextract.models import is_model_file, read_meta
 
     _answer_mode(ctx, mode, k, decimals)
+    dataset = _table_dataset(ctx, dataset, data, target, categorical, ordinal, drop)
+    if not is_model_file(victim) and (dataset is not None or missing is not None):
+        raise typer.BadParameter("is for a model file (a checkpoint publishes its own fields)", ctx=ctx,
+                                 param_hint="'--dataset'/'--data'" if dataset is not None else "'--missing'")
+    if missing is not None and missing != "stop":
+        raise typer.BadParameter("expected 'stop'", ctx=ctx, param_hint="'--missing'")
     if is_model_file(victim):  # a model file: no owner's side (training data, architecture) for defences
         from mextract.defences.registry import build_defence
         from mextract.oracle import VictimOracle
@@ -706,7 +817,7 @@ def serve(
                      budget=budget, detect=detect, on_alarm=on_alarm.value, store=store,
                      snapshot_every=snapshot_every, pow=pow, name=name, seed=seed, data_root=data_root,
                      device=device, input_shape=input_shape, num_classes=classes, value_range=value_range,
-                     trusted=trust)  # fmt: skip
+                     trusted=trust, dataset=dataset, split_seed=split_seed, missing=missing)  # fmt: skip
     app_ = create_app(api, max_body_bytes=int(max_body_mb * 2**20))
     d = api.description
     answers = d.mode.value + (f" (k={d.k})" if d.k else "")

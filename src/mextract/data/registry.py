@@ -36,6 +36,7 @@ from sklearn.model_selection import train_test_split
 
 from mextract.data.base import Dataset, Splits, ValueRange, scale_hint
 from mextract.data.files import CIFAR10_CLASSES, read_cifar10, read_image_folder, read_npz
+from mextract.data.tabular import TabularSchema, is_table_spec, read_table_spec, with_ranges
 from mextract.errors import DataError, InputError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class _Raw:
     y: np.ndarray
     classes: tuple[str, ...]
     test: tuple[np.ndarray, np.ndarray] | None = None  # an official test split
+    schema: TabularSchema | None = None  # tabular: the features (ranges set by the split)
+    numeric_columns: np.ndarray | None = None  # tabular: the columns to standardise (None: all)
 
     @property
     def tabular(self) -> bool:
@@ -76,8 +79,9 @@ def _sklearn_tabular(loader_name: str) -> Any:
         import sklearn.datasets as skd
 
         d = getattr(skd, loader_name)()
-        return _Raw(d.data.astype(np.float32), d.target.astype(np.int64),
-                    tuple(str(c) for c in d.target_names))  # fmt: skip
+        x = d.data.astype(np.float32)
+        return _Raw(x, d.target.astype(np.int64), tuple(str(c) for c in d.target_names),
+                    schema=TabularSchema.numeric(x, [str(n) for n in d.feature_names]))  # fmt: skip
 
     return load
 
@@ -124,9 +128,19 @@ _INFO = {
 }
 
 
+def _table(name: str) -> _Raw:
+    table = read_table_spec(name)
+    return _Raw(table.x, table.y, table.classes, schema=table.schema, numeric_columns=table.numeric_columns)
+
+
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     """Check a dataset name (and, for data that is not bundled, that a location is given and
-    exists) without loading anything; returns its input shape and number of classes."""
+    exists) without loading anything; returns its input shape and number of classes.
+    A table spec (``table:{"path": ..., "target": ...}``, :func:`~mextract.data.tabular.table_spec`)
+    is read, which is the check of its file."""
+    if is_table_spec(name):
+        table = read_table_spec(name)
+        return DatasetInfo(name, (table.x.shape[1],), len(table.classes))
     if name not in _INFO:
         raise UnknownNameError("dataset", name, DATASETS)
     if name == "cifar10":
@@ -194,9 +208,12 @@ def load_splits(
             load_file(test_data, like=victim, require_labels=True, name="test", scale=scale),
             {"dataset": "files", "seed": seed, "files": _file_meta(victim_data, pool_data, test_data)},
         )
-    if name not in _LOADERS:
+    if is_table_spec(name):
+        raw = _table(name)
+    elif name not in _LOADERS:
         raise UnknownNameError("dataset", name, DATASETS)
-    raw = _LOADERS[name](root)
+    else:
+        raw = _LOADERS[name](root)
     idx = np.arange(len(raw.y))
     if raw.test is None:
         idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=raw.y, random_state=seed)
@@ -213,9 +230,15 @@ def load_splits(
         "test_source": "official" if raw.test is not None else "held out",
     }
     if raw.tabular:
-        mean, std = xv.mean(0), xv.std(0) + 1e-8
+        # the owner's preprocessing: numbers standardised with the victim-train split's mean and
+        # standard deviation; one-hot categories and ordinal codes kept as they are
+        cols = np.arange(xv.shape[1]) if raw.numeric_columns is None else raw.numeric_columns
+        mean, std = np.zeros(xv.shape[1], np.float32), np.ones(xv.shape[1], np.float32)
+        mean[cols], std[cols] = xv[:, cols].mean(0), xv[:, cols].std(0) + 1e-8
         xv, xp, xte = (xv - mean) / std, (xp - mean) / std, (xte - mean) / std
         meta["standardise"] = {"mean": mean.tolist(), "std": std.tolist()}
+        if raw.schema is not None:  # numeric ranges: the owner's (victim-train) rows
+            meta["schema"] = with_ranges(raw.schema, xv).to_json()
     victim = Dataset(_tensor(xv), torch.from_numpy(raw.y[v_idx]), raw.classes, "victim_train")
     pool = Dataset(_tensor(xp), torch.from_numpy(raw.y[p_idx]), raw.classes, "pool")
     test = Dataset(_tensor(xte), torch.from_numpy(np.asarray(yte)), raw.classes, "test")

@@ -8,6 +8,8 @@ the valid input range [0, 1]. Defaults are Madry et al.'s CIFAR-10 setting (ε =
 α = 2/255, 7 steps), which is generic for images in [0, 1]; their MNIST setting is
 ε = 0.3, α = 0.01, 40 steps. The cost to honest users is the drop in clean test accuracy,
 which the attack × defence matrix reports.
+
+Faithfulness: ``docs/faithfulness.md#adversarial-training``.
 """
 
 from __future__ import annotations

@@ -106,6 +106,8 @@ class CosineVerification:
     key's cosine on ``samples`` inputs; ``null_mean``/``null_std`` describe the same
     statistic over ``null_keys`` random keys; ``p_value`` is the exact rank p-value; the
     suspect is declared stolen when ``p_value < alpha``.
+
+    Faithfulness: ``docs/faithfulness.md#cosine-verify``.
     """
 
     statistic: float
@@ -171,6 +173,8 @@ class CosineWatermark(OracleWrapper):
         >>> # ... a thief distils a substitute from ``api`` ...
         >>> api.verify(substitute, baseline=victim).stolen      # on the logged queries
         >>> api.verify(substitute, owner_x, baseline=victim)     # on the owner's own inputs
+
+    Faithfulness: ``docs/faithfulness.md#cosine``.
     """
 
     def __init__(

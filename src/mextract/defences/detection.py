@@ -21,8 +21,13 @@ Algorithm 1, as implemented here, for one client:
 * ``D`` is pooled over the classes (one set per client, as in the paper). Once
   ``|D| > 100`` (the paper's minimum), outliers beyond ``mean ± 3·std`` are removed
   (the paper and the reference code) and ``W = shapiro(D')`` is computed; ``W < δ`` is an
-  alarm. The test runs after every query (``check_every=1``, Algorithm 1); the reference
-  code tests every 10th query, a speed-up available with ``check_every=10``.
+  alarm. The authors' reference code pools a class's distances only once that class has
+  at least 10 of them (a class seen a few times adds no distances); Algorithm 1 has no such
+  rule, and neither does the default here (``min_class_distances=0``).
+  ``min_class_distances=10`` is the reference code's rule; ``docs/faithfulness.md#prada``
+  measures the two on mnist (detection delay, false alarms). The test runs after every
+  query (``check_every=1``, Algorithm 1); the reference code tests every 10th query, a
+  speed-up available with ``check_every=10``.
 
 ``δ``: the paper sets the threshold per dataset so that no benign stream is flagged; its
 MNIST value is ``δ = 0.95`` (the default here); its GTSRB value is lower (0.87). The
@@ -179,9 +184,12 @@ class _ClientState:
     distances: list[float] = field(default_factory=list)  # D
     w_history: list[tuple[int, float]] = field(default_factory=list)
     growing: dict[int, _Growing] = field(default_factory=dict)
-    pending: dict[int, float] = field(default_factory=dict)  # this batch's distances by position
+    distance_classes: list[int] = field(default_factory=list)  # the predicted class of each of D
+    pending: dict[int, tuple[float, int]] = field(default_factory=dict)  # this batch's (d, class)
 
-    _KEYS = ("dim", "queries", "flagged", "first_alarm", "distances", "w_history", "growing")
+    _KEYS = (
+        "dim", "queries", "flagged", "first_alarm", "distances", "w_history", "growing", "distance_classes",
+    )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -192,12 +200,14 @@ class _ClientState:
             "distances": list(self.distances),
             "w_history": list(self.w_history),
             "growing": [g.state_dict(c) for c, g in self.growing.items()],
+            "distance_classes": list(self.distance_classes),
         }
 
     @classmethod
     def from_state(cls, owner: str, state: object) -> _ClientState:
         """A client's state from :meth:`state_dict`, checked."""
-        state = check_state_keys(owner, state, cls._KEYS)
+        legacy = isinstance(state, dict) and "distance_classes" not in state  # saved before it existed
+        state = check_state_keys(owner, state, cls._KEYS[:-1] if legacy else cls._KEYS)
         dim = state_int(owner, "dim", state["dim"])
         queries = state_int(owner, "queries", state["queries"])
         flagged, first_alarm = state["flagged"], state["first_alarm"]
@@ -225,11 +235,19 @@ class _ClientState:
             if label in growing:
                 raise InputError(f"{owner}: state 'growing': class {label} appears twice")
             growing[label] = g
-        return cls(dim, queries, flagged, first_alarm, distances, w_history, growing)
+        if legacy:  # one unknown class for the old distances: pooled together
+            distance_classes = [-1] * len(distances)
+        else:
+            raw = state["distance_classes"]
+            if not isinstance(raw, list | tuple) or len(raw) != len(distances):
+                raise InputError(f"{owner}: state 'distance_classes': expected one class per distance")
+            distance_classes = [state_int(owner, "distance_classes", c) for c in raw]
+        return cls(dim, queries, flagged, first_alarm, distances, w_history, growing, distance_classes)
 
 
 class Prada:
-    """PRADA's per-client monitor (Juuti et al., EuroS&P 2019; see the module docstring).
+    """PRADA's per-client monitor (Juuti et al., EuroS&P 2019; see the module docstring;
+    faithfulness: ``docs/faithfulness.md#prada``).
 
     Args:
         delta: alarm when the Shapiro–Wilk ``W`` of the distance set is below ``delta``
@@ -246,9 +264,15 @@ class Prada:
             later probes are measured against the distant seed and look natural. Against
             every earlier query their distances halve at each step. Measured on mnist in
             ``docs/defences.md``.
+        min_class_distances: a class's distances join the tested ``D`` only once the class
+            has at least this many (the authors' reference code: 10; ``0``, the default,
+            is Algorithm 1: every distance at once). ``|D| > min_distances`` then applies to
+            the pooled set.
 
     State: per client, its input size ``dim``, ``queries``, ``flagged``, ``first_alarm``,
-    the distance set ``distances`` (``D``), ``w_history`` and its growing sets (per class:
+    the distance set ``distances`` (``D``) with each distance's predicted class
+    (``distance_classes``; a state saved without it loads with one unknown class for all),
+    ``w_history`` and its growing sets (per class:
     the stored inputs, their distances ``D_{G_c}`` and the threshold ``T_c``). The
     arguments above are configuration, not state. :meth:`state_dict` covers every client
     (their ids must then be ``str`` or ``int``), :meth:`client_state_dict` one.
@@ -265,6 +289,7 @@ class Prada:
         check_every: int = 1,
         outlier_sigma: float | None = 3.0,
         compare_to: str = "growing",
+        min_class_distances: int = 0,
     ) -> None:
         if compare_to not in ("growing", "all"):
             raise InputError(f"compare_to: expected 'growing' or 'all', got {compare_to!r}")
@@ -276,6 +301,13 @@ class Prada:
             raise InputError(f"check_every: expected a positive integer, got {check_every!r}")
         if outlier_sigma is not None and not outlier_sigma > 0:
             raise InputError(f"outlier_sigma: expected a positive number or None, got {outlier_sigma!r}")
+        if (
+            isinstance(min_class_distances, bool)
+            or not isinstance(min_class_distances, int)
+            or min_class_distances < 0
+        ):
+            raise InputError(f"min_class_distances: expected an integer >= 0, got {min_class_distances!r}")
+        self.min_class_distances = min_class_distances
         self.delta = float(delta)
         self.min_distances = min_distances
         self.check_every = check_every
@@ -387,8 +419,9 @@ class Prada:
 
     def client_state_dict(self, client_id: Hashable) -> dict[str, Any]:
         """One client's state: ``dim``, ``queries``, ``flagged``, ``first_alarm``,
-        ``distances``, ``w_history`` and ``growing`` (a list of ``{"cls", "stored",
-        "dists", "threshold"}``); ``{}`` for a client that has sent no query."""
+        ``distances``, ``w_history``, ``growing`` (a list of ``{"cls", "stored",
+        "dists", "threshold"}``) and ``distance_classes``; ``{}`` for a client that has sent
+        no query."""
         with self._lock:
             s = self._clients.get(client_id)
             return {} if s is None else s.state_dict()
@@ -428,7 +461,7 @@ class Prada:
                 g.add(x[j], 0.0)
                 added.append(j)
                 continue
-            pending[rows[j]] = d
+            pending[rows[j]] = (d, cls)
             if every:  # the variant stores every query; no growing threshold
                 g.add(x[j], d)
             elif d > g.threshold:
@@ -440,16 +473,31 @@ class Prada:
     def _advance(self, state: _ClientState, n: int) -> None:
         """Append the batch's distances to ``D`` in stream order, testing after each query."""
         pending, state.pending = state.pending, {}
+        counts: dict[int, int] = {}
+        for c in state.distance_classes:
+            counts[c] = counts.get(c, 0) + 1
         for i in range(n):
             index = state.queries
             state.queries += 1
             if i in pending:
-                state.distances.append(pending[i])
-            if len(state.distances) > self.min_distances and state.queries % self.check_every == 0:
-                w = self._shapiro(state.distances)
+                d, cls = pending[i]
+                state.distances.append(d)
+                state.distance_classes.append(cls)
+                counts[cls] = counts.get(cls, 0) + 1
+            pooled = self._pooled(state, counts)
+            if len(pooled) > self.min_distances and state.queries % self.check_every == 0:
+                w = self._shapiro(pooled)
                 state.w_history.append((index, w))
                 if w < self.delta and not state.flagged:
                     state.flagged, state.first_alarm = True, index
+
+    def _pooled(self, state: _ClientState, counts: dict[int, int]) -> list[float]:
+        """``D`` as tested: every distance (Algorithm 1), or with ``min_class_distances``
+        only those of classes that have at least that many (the reference code's rule)."""
+        m = self.min_class_distances
+        if m <= 1 or all(v >= m for v in counts.values()):
+            return state.distances
+        return [d for d, c in zip(state.distances, state.distance_classes, strict=True) if counts[c] >= m]
 
     def _shapiro(self, distances: list[float]) -> float:
         d = np.asarray(distances, dtype=np.float64)
@@ -480,6 +528,7 @@ def calibrate_delta(
     check_every: int = 1,
     outlier_sigma: float | None = 3.0,
     compare_to: str = "growing",
+    min_class_distances: int = 0,
 ) -> float:
     """The highest ``δ`` that raises no alarm on the given benign streams: the lowest ``W``
     any of them reaches (Juuti et al. set ``δ`` per dataset so that benign streams are not
@@ -489,7 +538,7 @@ def calibrate_delta(
         streams: ``(queries, predicted classes)`` pairs, each one benign client's stream in
             order — e.g. the owner's training images in a few random orders, labelled by the
             victim. Calibrate on data that the false-alarm rate is *not* then measured on.
-        min_distances, check_every, outlier_sigma, compare_to: as for the :class:`Prada`
+        min_distances, check_every, outlier_sigma, compare_to, min_class_distances: as for the :class:`Prada`
             that will use the threshold (they change ``W``).
 
     Returns:
@@ -500,7 +549,8 @@ def calibrate_delta(
     for i, (x, classes) in enumerate(streams):
         # delta only decides alarms; the W history is recorded for every test regardless
         monitor = Prada(delta=1e-9, min_distances=min_distances, check_every=check_every,
-                        outlier_sigma=outlier_sigma, compare_to=compare_to)  # fmt: skip
+                        outlier_sigma=outlier_sigma, compare_to=compare_to,
+                        min_class_distances=min_class_distances)  # fmt: skip
         monitor.observe(i, x, classes)
         lowest = min([lowest, *(w for _, w in monitor.report(i).w_history)])
     if math.isinf(lowest):

@@ -70,6 +70,8 @@ class TriggerWatermark:
             The default 5% lies in the 1–10% range of the sources; Adi et al. use 100
             trigger images (0.2% of CIFAR-10) with heavy oversampling instead, which needs
             more epochs than the small victims here get.
+
+    Faithfulness: ``docs/faithfulness.md#trigger``.
     """
 
     target: int
@@ -178,7 +180,8 @@ class VerificationResult:
 
 
 def binomial_verification(matches: int, total: int, p0: float, alpha: float = 1e-3) -> VerificationResult:
-    """The one-sided binomial test of ``matches`` successes out of ``total`` at chance ``p0``."""
+    """The one-sided binomial test of ``matches`` successes out of ``total`` at chance ``p0``
+    (DAWN's evidence; faithfulness: ``docs/faithfulness.md#dawn-verify``)."""
     if not 0 < p0 < 1:
         raise InputError(f"p0: expected a probability in (0, 1), got {p0!r}")
     if not 0 < alpha < 1:
@@ -206,10 +209,18 @@ DAWN_FRACTION = 0.004
 
 class DawnWatermark(OracleWrapper):
     """DAWN (Szyller et al., ACM MM 2021): watermark a keyed fraction of the API's answers.
+    Faithfulness: ``docs/faithfulness.md#dawn``.
 
-    For each query ``x`` the wrapper computes ``h = HMAC-SHA256(key, bytes(x))`` on the
+    For each query ``x`` the wrapper computes ``h = HMAC-SHA256(k, bytes(x))`` on the
     query's raw bytes in the oracle's dtype, so a repeated query always gets the same
     decision (DAWN's defence against an attacker who re-queries to spot the watermark).
+    As in the paper, the decision is tied to the client: with ``client`` given, ``k`` is
+    that client's own key ``HMAC-SHA256(key, "dawn-client:" + client id)``, so each client
+    gets its own marked subset and its own watermark set, two clients sending the same query
+    are marked independently, and the owner can tell *whose* answers a stolen model learned
+    (:meth:`verify` on each client's wrapper). The served API builds one wrapper per account
+    with the account's name. Without ``client`` (one client, a local experiment), ``k`` is
+    the owner's key itself.
     The first 8 bytes of ``h``, read as a fraction of 2⁶⁴, mark the query when below
     ``fraction``; the next 8 bytes pick its watermark label uniformly among the ``K − 1``
     classes other than the victim's top-1 class ``t``: ``(t + 1 + h₂ mod (K − 1)) mod K``.
@@ -259,16 +270,28 @@ class DawnWatermark(OracleWrapper):
     Args:
         inner: the oracle to protect (any answer mode).
         key: the owner's secret (bytes, or a non-negative int).
+        client: the client this wrapper answers (a ``str`` or ``int`` id), or ``None``.
         fraction: the share of queries to mark, in (0, 1).
         alpha: the verification level.
     """
 
     def __init__(
-        self, inner: Oracle, key: bytes | int, *, fraction: float = DAWN_FRACTION, alpha: float = 1e-3
+        self,
+        inner: Oracle,
+        key: bytes | int,
+        *,
+        client: str | int | None = None,
+        fraction: float = DAWN_FRACTION,
+        alpha: float = 1e-3,
     ) -> None:
         if not isinstance(inner, Oracle):
             raise InputError(f"DawnWatermark: expected an Oracle to wrap, got {type(inner).__name__}")
         key = key_bytes(key)
+        if client is not None:
+            if isinstance(client, bool) or not isinstance(client, str | int):
+                raise InputError(f"client: expected a str or int client id, got {client!r}")
+            key = hmac.new(key, f"dawn-client:{client}".encode(), hashlib.sha256).digest()
+        self.client = client
         if not 0 < fraction < 1:
             raise InputError(f"fraction: expected a number in (0, 1), got {fraction!r}")
         if not 0 < alpha < 1:
@@ -498,7 +521,10 @@ def conferrability(
 @dataclass(frozen=True)
 class Fingerprints:
     """Conferrable adversarial examples ``x``, the victim's labels on them, the victim's labels
-    on the seeds they were made from (``origin``) and their conferrability ``scores``."""
+    on the seeds they were made from (``origin``) and their conferrability ``scores``.
+
+    Faithfulness: ``docs/faithfulness.md#fingerprints``.
+    """
 
     x: torch.Tensor
     labels: torch.Tensor

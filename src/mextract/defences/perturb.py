@@ -15,6 +15,9 @@ Covered (IBM ART's postprocessor checklist, plus the strongest published ones):
 honey labels (the sources), top-k, rounding, label-only, reverse sigmoid (Lee et al.
 2019), ε-differentially-private noise, prediction poisoning (MAD; Orekondy et al.
 ICLR 2020) and adaptive misinformation (Kariyappa & Qureshi, CVPR 2020).
+
+What each was checked against (IBM ART's postprocessors, the papers' equations) and how it
+differs from its paper: ``docs/faithfulness.md``.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ class _Perturbation(OracleWrapper):
 
 
 class TopK(_Perturbation):
-    """Reveal only the ``k`` largest probabilities (zeros elsewhere). ``k = K`` is identity."""
+    """Reveal only the ``k`` largest probabilities (zeros elsewhere). ``k = K`` is identity.
+
+    Faithfulness: ``docs/faithfulness.md#topk``.
+    """
 
     def __init__(self, inner: Oracle, *, k: int = 1) -> None:
         if not isinstance(k, int) or k < 1:
@@ -86,7 +92,10 @@ class TopK(_Perturbation):
 
 
 class Rounding(_Perturbation):
-    """Round the probability vector to ``decimals`` decimal places (Tramèr et al. 2016)."""
+    """Round the probability vector to ``decimals`` decimal places (Tramèr et al. 2016).
+
+    Faithfulness: ``docs/faithfulness.md#rounding``.
+    """
 
     def __init__(self, inner: Oracle, *, decimals: int = 2) -> None:
         if not isinstance(decimals, int) or decimals < 0:
@@ -100,7 +109,10 @@ class Rounding(_Perturbation):
 
 class LabelOnly(_Perturbation):
     """Reveal only the top-1 class (as a one-hot vector). It may wrap rounded, top-k or label
-    answers too: their top-1 is the API's label (with rounding, a tie goes to the lower class)."""
+    answers too: their top-1 is the API's label (with rounding, a tie goes to the lower class).
+
+    Faithfulness: ``docs/faithfulness.md#label-only``.
+    """
 
     ranked = True
 
@@ -119,6 +131,8 @@ class HoneyLabels(_Perturbation):
     ``log p₁ − log p₂``, the same number. ``output="label"`` answers one-hot labels (the
     sources' hard-label API); ``output="probs"`` swaps the top-1 and top-2 probabilities
     so that the answer stays a plausible distribution. ``threshold = 0`` is identity.
+
+    Faithfulness: ``docs/faithfulness.md#honey``.
     """
 
     def __init__(self, inner: Oracle, *, threshold: float = 1.5, output: str = "label") -> None:
@@ -153,6 +167,8 @@ class ReverseSigmoid(_Perturbation):
     ``r = β·(σ(γ·σ⁻¹(p)) − ½)``, answer ``p − r`` clipped to [0, 1] and renormalised.
     It keeps the argmax for honest users while making the probability-to-logit map
     non-invertible. ``β = 0`` is identity; ART's defaults β = 1, γ = 0.1.
+
+    Faithfulness: ``docs/faithfulness.md#reverse-sigmoid``.
     """
 
     def __init__(self, inner: Oracle, *, beta: float = 1.0, gamma: float = 0.1) -> None:
@@ -189,6 +205,8 @@ class NoisyProbabilities(_Perturbation):
     loaded into a defence with the same options, the next answers are those the original
     would have given. ``epsilon``, ``mechanism``, ``delta`` and ``seed`` are configuration.
     Concurrent queries draw their noise one batch at a time (thread-safe).
+
+    Faithfulness: ``docs/faithfulness.md#dp-noise``.
     """
 
     def __init__(
@@ -242,32 +260,69 @@ class NoisyProbabilities(_Perturbation):
                 noise = -self.scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs())
             else:
                 noise = self.scale * torch.randn(p.shape, generator=self.generator, dtype=torch.float64)
-        out = (p.double() + noise).clamp(0, 1)
-        total = out.sum(1, keepdim=True)
-        uniform = torch.full_like(out, 1.0 / out.shape[1])
-        return torch.where(total > 0, out / total.clamp_min(1e-12), uniform).to(p.dtype)
+        return noisy_probabilities(p, noise)
+
+
+def noisy_probabilities(p: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """:class:`NoisyProbabilities`' post-processing of ``p + noise``: clip to [0, 1] and
+    renormalise (a row clipped to all zeros becomes uniform). IBM ART's ``GaussianNoise``
+    clips only below 0; the two agree wherever no noisy entry exceeds 1 (checked in
+    ``tests/test_faithfulness.py``). Clipping above too keeps every entry a probability."""
+    out = (p.double() + noise.double()).clamp(0, 1)
+    total = out.sum(1, keepdim=True)
+    uniform = torch.full_like(out, 1.0 / out.shape[1])
+    return torch.where(total > 0, out / total.clamp_min(1e-12), uniform).to(p.dtype)
 
 
 class PredictionPoisoning(_Perturbation):
-    """MAD prediction poisoning (Orekondy, Schiele & Fritz, ICLR 2020).
+    """MAD prediction poisoning (Orekondy, Schiele & Fritz, "Prediction Poisoning: Towards
+    Defenses Against DNN Model Stealing Attacks", ICLR 2020). Faithfulness:
+    ``docs/faithfulness.md#mad``.
 
     Perturb the answer ``y`` to ``ỹ`` with ``‖ỹ − y‖₁ ≤ ε`` so that the gradient an
     attacker's model would take on ``ỹ`` points as far as possible from the one it would
-    take on ``y``. The attacker's model is unknown: a *surrogate* stands in for it (the
-    paper uses a randomly initialised model of a plausible architecture). Choices:
+    take on ``y`` (the paper's objective: the angular deviation ``‖Gᵀỹ/‖Gᵀỹ‖ − Gᵀy/‖Gᵀy‖‖²``).
+    The attacker's model is unknown: a *surrogate* stands in for it (the paper uses a
+    randomly initialised model of a plausible architecture).
 
-    * the gradient is taken w.r.t. the surrogate's **last linear layer**, where it has a
-      closed form, ``G·v = (v − s) ⊗ h`` for a target ``v``, surrogate softmax ``s`` and
-      penultimate features ``h``. The angular deviation between unit gradients then
-      depends only on ``(v − s)/‖v − s‖``, so the search is exact and batched;
-    * candidates ``ỹ_k = (1 − α_k)·y + α_k·e_k`` with the largest ``α_k ≤ 1`` that keeps
-      ``‖ỹ_k − y‖₁ ≤ ε`` (the paper's bisection has this closed form on a segment); the
-      answer is the candidate of largest angular deviation;
-    * ``argmax=True`` is the paper's MAD-argmax: only vertices that keep the top-1 class
-      (``α`` capped so that it holds) are allowed, so honest users' labels never change.
+    The gradient is taken w.r.t. the surrogate's **last linear layer's weight**, as in the
+    authors' code by default. There it has a closed form: ``Gᵀv = (s − v) ⊗ h`` for a
+    target ``v`` on the simplex, surrogate softmax ``s`` and penultimate features ``h``, so
+    the unit gradient depends only on ``(v − s)/‖v − s‖`` and the search is exact and batched.
+
+    ``oracle="extreme"`` (default) is the published algorithm (the paper's heuristic solver,
+    as in the authors' code with ``objmax``): the target ``y*`` is the simplex vertex ``e_k``
+    whose objective is largest *at the vertex*, then the line search moves towards it as far
+    as the budget allows, ``ỹ = (1 − α)·y + α·y*`` with ``α = min(1, ε/‖y* − y‖₁)``.
+    With ``argmax=True`` (the paper's MAD-argmax) the candidates are instead the
+    argmax-preserving extremes: for every class subset ``S`` containing the top class, the
+    uniform distribution on ``S`` (the top class nudged up by ``1e-5`` so that it stays the
+    argmax); every subset is searched for ``K ≤ 10``, and beyond that the set grows
+    greedily (add the class that raises the objective most, keep the best set seen, at most
+    1024 evaluations), as in the authors' code. ``y`` and ``y*`` share their top class, so
+    every ``ỹ`` between them keeps it: honest users' labels never change.
+
+    ``oracle="truncated"`` is this lab's variant, not the paper's: every vertex is first
+    truncated to the budget, ``ỹ_k = (1 − α_k)·y + α_k·e_k`` with ``α_k = min(1, ε/‖e_k − y‖₁)``
+    (with ``argmax=True``, ``α_k`` further capped so that the top class survives), and the
+    candidate whose objective is largest *after* truncation is answered. It maximises the
+    objective over a larger feasible set than the paper's one-vertex line search for small
+    ``ε``, at the same L1 cost; its measured effect is in ``docs/faithfulness.md``.
+
+    The authors' code by default (``objmax`` off) ranks vertices by the unnormalised
+    ``‖Gᵀ(ỹ − y)‖²``; with last-layer gradients that is ``‖ỹ − y‖₂²·‖h‖²``, which ignores
+    the surrogate and picks the vertex of the least likely class. The paper's angular
+    objective is used here.
 
     ``epsilon = 0`` is identity.
     """
+
+    #: the search over argmax-preserving subsets is exhaustive up to this many classes
+    EXHAUSTIVE_CLASSES = 10
+    #: the greedy search's evaluation budget beyond it (the authors' ``max_iters``)
+    GREEDY_EVALUATIONS = 1024
+    #: how much the top class is favoured in an argmax-preserving extreme
+    TOP_NUDGE = 1e-5
 
     def __init__(
         self,
@@ -276,13 +331,18 @@ class PredictionPoisoning(_Perturbation):
         surrogate: nn.Module,
         epsilon: float = 1.0,
         argmax: bool = False,
+        oracle: str = "extreme",
     ) -> None:
-        if not 0 <= epsilon <= 2:
-            raise InputError(f"epsilon: expected an L1 budget in [0, 2], got {epsilon}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, int | float) or not 0 <= epsilon <= 2:
+            raise InputError(f"epsilon: expected an L1 budget in [0, 2], got {epsilon!r}")
+        if not isinstance(argmax, bool):
+            raise InputError(f"argmax: expected a bool, got {argmax!r}")
+        if oracle not in ("extreme", "truncated"):
+            raise UnknownNameError("MAD oracle", str(oracle), ["extreme", "truncated"])
         if not isinstance(surrogate, nn.Sequential) or not isinstance(surrogate[-1], nn.Linear):
             raise InputError("surrogate: expected an nn.Sequential ending in an nn.Linear (a zoo model)")
         self.surrogate = surrogate.eval()
-        self.epsilon, self.argmax = float(epsilon), argmax
+        self.epsilon, self.argmax, self.oracle = float(epsilon), argmax, oracle
         super().__init__(inner, mode=AnswerMode.PROBS)
 
     @torch.no_grad()
@@ -292,6 +352,61 @@ class PredictionPoisoning(_Perturbation):
             return y
         dtype = next(self.surrogate.parameters()).dtype
         s = torch.softmax(self.surrogate(x.to(dtype)), dim=1).to(y.dtype)
+        if self.oracle == "truncated":
+            return self._truncated(y, s)
+        target = self._argmax_extreme(y, s) if self.argmax else self._extreme(y, s)
+        alpha = (self.epsilon / (target - y).abs().sum(1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return y + alpha * (target - y)
+
+    @staticmethod
+    def objective(candidates: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The paper's angular deviation ``‖u(ỹ) − u(y)‖²`` with ``u(v) = (v − s)/‖v − s‖``
+        (the unit last-layer gradient, up to sign and the factor ``h``), for candidates
+        ``(N, C, K)`` against ``y`` and ``s`` ``(N, K)``; returns ``(N, C)``."""
+        u_y = F.normalize(y - s, dim=1)
+        u_c = F.normalize(candidates - s[:, None, :], dim=2)
+        return (u_c - u_y[:, None, :]).pow(2).sum(2)
+
+    def _extreme(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(y.shape[1], dtype=y.dtype).expand(len(y), -1, -1)
+        best = self.objective(eye, y, s).argmax(1)
+        return eye[0][best]
+
+    def _argmax_extreme(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        n, k = y.shape
+        top = y.argmax(1)
+        rows = torch.arange(n)
+
+        def extremes(masks: torch.Tensor) -> torch.Tensor:  # (N, C, K) 0/1 → distributions
+            v = masks.to(y.dtype).clone()
+            v[rows, :, top] += self.TOP_NUDGE
+            return v / v.sum(2, keepdim=True)
+
+        if k <= self.EXHAUSTIVE_CLASSES:
+            bits = (torch.arange(2 ** (k - 1))[:, None] >> torch.arange(k - 1)) & 1  # (2^(K-1), K-1)
+            others = torch.stack([torch.cat([torch.arange(t), torch.arange(t + 1, k)]) for t in top.tolist()])
+            masks = torch.zeros(n, len(bits), k, dtype=torch.long)
+            masks.scatter_(2, others[:, None, :].expand(-1, len(bits), -1), bits.expand(n, -1, -1))
+            masks[rows, :, top] = 1
+            cand = extremes(masks)
+            return cand[rows, self.objective(cand, y, s).argmax(1)]
+        fixed = F.one_hot(top, k).bool()
+        best_val = torch.full((n,), -math.inf, dtype=y.dtype)
+        best = extremes(fixed[:, None, :])[:, 0]
+        evaluations = 0
+        while evaluations < self.GREEDY_EVALUATIONS and not fixed.all():
+            masks = fixed[:, None, :] | torch.eye(k, dtype=torch.bool)[None]  # (N, K, K): add class j
+            cand = extremes(masks)
+            val = self.objective(cand, y, s).masked_fill(fixed, -math.inf)
+            step_val, j = val.max(1)
+            better = step_val > best_val
+            best = torch.where(better[:, None], cand[rows, j], best)
+            best_val = torch.where(better, step_val, best_val)
+            fixed[rows, j] = True
+            evaluations += k - int(fixed[0].sum()) + 1
+        return best
+
+    def _truncated(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         k = y.shape[1]
         eye = torch.eye(k, dtype=y.dtype)
         top = y.argmax(1)
@@ -301,9 +416,7 @@ class PredictionPoisoning(_Perturbation):
         if self.argmax:
             alpha = torch.minimum(alpha, _argmax_cap(y[:, None, :], vertices, top[:, None]))
         cand = (1 - alpha[..., None]) * y[:, None, :] + alpha[..., None] * eye[None]  # (N, K, K)
-        u_y = F.normalize(y - s, dim=1)
-        u_c = F.normalize(cand - s[:, None, :], dim=2)
-        best = (u_c - u_y[:, None, :]).norm(dim=2).argmax(1)  # largest angular deviation
+        best = self.objective(cand, y, s).argmax(1)  # largest angular deviation
         return cand[torch.arange(len(y)), best]
 
 
@@ -328,6 +441,8 @@ class AdaptiveMisinformation(_Perturbation):
     the OOD score; ν its sharpness). ``ŷ_mis`` comes from a model trained to put low
     probability on the correct class (:func:`misinformation_loss`). In-distribution
     queries with MSP well above τ are answered almost unchanged. ``tau = 0`` is identity.
+
+    Faithfulness: ``docs/faithfulness.md#adaptive-misinformation``.
     """
 
     def __init__(

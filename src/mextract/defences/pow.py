@@ -126,6 +126,8 @@ Deviations from the paper, in one place:
   an attacker's smaller than in the paper.
 * Costs in hash evaluations, not seconds; the benign curve, the measured margin and
   scale, and the one-sided excess, as above.
+
+Faithfulness: ``docs/faithfulness.md#pow``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from mextract.defences.perturb import (
     misinformation_loss,
 )
 from mextract.errors import InputError, UnknownNameError
-from mextract.oracle import Oracle
+from mextract.oracle import AnswerMode, Oracle
 from mextract.training import TrainConfig, fit
 
 
@@ -119,9 +119,25 @@ def _owner_key(opts: dict[str, Any], mark: str, owner: Owner | None) -> bytes | 
 
 
 def _dawn(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
+    """DAWN ties its watermark decisions to the client the stack serves (the paper's DAWN; the
+    served API passes each account's name; a local oracle serves one client).
+    ``dawn:{"per_client": false}`` marks every client's queries with one key alike (the lab's
+    earlier behaviour)."""
     from mextract.defences.ownership import DawnWatermark
 
+    client = opts.pop(_CLIENT, None)
+    per_client = opts.pop("per_client", True)
+    if not isinstance(per_client, bool):
+        raise InputError(f"dawn: per_client: expected true or false, got {per_client!r}")
+    if per_client and "client" not in opts:
+        opts["client"] = client
     return DawnWatermark(inner, _owner_key(opts, "dawn", owner), **opts)
+
+
+#: defences whose decisions may be tied to the client (DAWN's per-client watermark keys): the
+#: stack's client reaches their builders under this option name
+PER_CLIENT = frozenset({"dawn"})
+_CLIENT = "__client__"
 
 
 def _cosine(inner: Oracle, owner: Owner | None, opts: dict[str, Any]) -> Oracle:
@@ -168,19 +184,31 @@ def _split_stack(spec: str) -> list[str]:
     return [*parts, spec[start:]]
 
 
-def build_defence(spec: str, inner: Oracle, owner: Owner | None = None) -> Oracle:
+def build_defence(
+    spec: str, inner: Oracle, owner: Owner | None = None, *, client: str | int | None = None
+) -> Oracle:
     """Wrap ``inner`` in the defence named by ``spec``; stack several with ``+``
     (``"reverse_sigmoid+topk:{\\"k\\": 3}"``, applied left to right). ``owner`` is needed
-    by defences that use the owner's models or data (mad, adaptive_misinformation, cosine)."""
+    by defences that use the owner's models or data (mad, adaptive_misinformation, cosine).
+    ``client``: the client the stack serves, for the defences whose decisions may be per client
+    (:data:`PER_CLIENT`: ``dawn:{"per_client": true}``)."""
     oracle = inner
+    if inner.mode is AnswerMode.LEAF and spec.strip() not in ("", "none"):
+        raise InputError(
+            f"defence {spec!r}: the API answers in mode 'leaf' (a tree node's distribution and identifier); "
+            "the output defences work on class scores"
+        )
     for part in _split_stack(spec):
         name, options = parse_defence_spec(part.strip())
         if name not in DEFENCES:
             raise UnknownNameError("defence", name, sorted(DEFENCES))
+        if client is not None and name in PER_CLIENT:
+            options = {**options, _CLIENT: client}
         try:
             oracle = DEFENCES[name](oracle, owner, dict(options))
         except TypeError as exc:
-            raise InputError(f"defence {name!r}: bad options {sorted(options)}: {exc}") from exc
+            shown = sorted(k for k in options if k != _CLIENT)
+            raise InputError(f"defence {name!r}: bad options {shown}: {exc}") from exc
     return oracle
 
 

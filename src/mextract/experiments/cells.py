@@ -38,7 +38,7 @@ from mextract.experiments.measures import MEASURES, CellContext, VictimContext
 from mextract.experiments.plan import CellSpec, VictimSpec
 from mextract.experiments.records import Record
 from mextract.metrics import Evaluator, answer_probs, answer_shift, expected_calibration_error, predict_probs
-from mextract.models import load_checkpoint, split_seed_of
+from mextract.models import load_checkpoint, schema_of, split_seed_of
 from mextract.oracle import APIDescription, Oracle, VictimOracle
 from mextract.oracle.base import oracle_layers
 
@@ -247,6 +247,7 @@ def defended_api(v: VictimContext, spec: str, client_id: str = "") -> Oracle:
         mode="probs" if spec == "none" else "logits",
         device=v.device,
         value_range=ValueRange.from_json(v.meta.get("value_range"), v.meta["input_shape"]),
+        features=schema_of(v.meta),
     )
     return build_defence(spec, base, _owner(v))
 

@@ -8,6 +8,7 @@ metrics → record.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -19,7 +20,10 @@ import torch
 from mextract._utils import resolve_device, seeded
 from mextract.attacks import ATTACKS, AttackResult, create_attack
 from mextract.attacks.base import Callback
+from mextract.attacks.tabular import SklearnSubstitute
+from mextract.attacks.tree import ExtractedTreeModel
 from mextract.data import Dataset, ValueRange, check_disjoint, dataset_info, load_file, load_splits
+from mextract.data.tabular import TabularSchema
 from mextract.defences.adversarial import PGDConfig, adversarial_training
 from mextract.errors import DataError, InputError, MextractError, UnknownNameError
 from mextract.experiments.records import Record, same_config
@@ -33,6 +37,7 @@ from mextract.models import (
     load_checkpoint,
     load_external,
     save_checkpoint,
+    schema_of,
     split_seed_of,
 )
 from mextract.oracle import AnswerMode, APIDescription, Oracle, VictimOracle
@@ -184,6 +189,7 @@ def attack_run(
     num_classes: int | None = None,
     value_range: ValueRange | str | None = None,
     trusted: Sequence[str] | None = None,
+    missing: str | None = None,
 ) -> Record:
     """Attack the victim checkpoint in ``victim`` (a folder written by :func:`train_victim_run`),
     a model file (``.onnx``, ``.skops``, XGBoost ``.json``/``.ubj``, LightGBM ``.txt``: see
@@ -211,7 +217,9 @@ def attack_run(
     A model file is read with ``input_shape``, ``num_classes``, ``value_range`` and
     ``trusted`` where the file does not say (see :func:`~mextract.models.load_external`); its
     data is given as for a ``url`` (``dataset`` and ``split_seed``, or files), and the
-    record names the file and its SHA-256.
+    record names the file and its SHA-256. ``missing="stop"`` serves a decision tree file
+    (``.skops``) with incomplete queries (BigML's behaviour: a missing feature stops the path
+    at the node that tests it; see :class:`~mextract.oracle.VictimOracle`).
 
     With ``out``, the record is ``out/attack-<name>-<mode>-<budget>-s<seed>.json`` and the
     substitute is saved beside it.
@@ -226,10 +234,12 @@ def attack_run(
     create_attack(attack, **dict(options))  # a bad name or option fails before any data is read
     external: dict[str, Any] = {"input_shape": input_shape, "num_classes": num_classes,
                                 "value_range": value_range, "trusted": trusted}  # fmt: skip
+    if missing is not None and (victim is None or not is_model_file(victim)):
+        raise InputError("missing: incomplete queries are for a decision tree model file (.skops)")
     if victim is not None and is_model_file(victim):
         target = _file_target(Path(victim), external, mode or "probs", k, decimals, dtypes[precision],
                               dataset, split_seed, pool_data, pool_dataset, test_data, data_root, scale,
-                              seed, device)  # fmt: skip
+                              seed, device, missing)  # fmt: skip
     elif url is not None:
         target = _remote_target(url, client_id, (api_key, evaluator_key), mode, k, decimals, dataset,
                                 split_seed, pool_data, pool_dataset, test_data, data_root, scale,
@@ -276,7 +286,15 @@ def attack_run(
     if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
         raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
     record = attack_record(result, config, seed, evaluator)
-    if out is not None and record_path is not None:
+    if out is not None and record_path is not None and isinstance(result.model, SklearnSubstitute):
+        result.model.save(Path(out) / f"substitute-{stem[len('attack-') :]}.skops")
+        record.save(record_path)
+    elif out is not None and record_path is not None and isinstance(result.model, ExtractedTreeModel):
+        tree = json.dumps(result.model.tree.to_json(), indent=1)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"tree-{stem[len('attack-') :]}.json").write_text(tree)
+        record.save(record_path)
+    elif out is not None and record_path is not None:
         arch, arch_options = atk.model_spec(result.model) or (config["substitute"], {})
         save_checkpoint(
             Path(out) / f"substitute-{stem[len('attack-') :]}",
@@ -390,6 +408,7 @@ def _file_target(
     scale: float | None,
     seed: int,
     device: str | None,
+    missing: str | None = None,
 ) -> _Target:
     model = load_external(path, **external)
     like = _external_template(model)
@@ -399,9 +418,15 @@ def _file_target(
     if not _within(data_range, model.value_range):
         raise DataError(f"the test set's values are declared in {data_range}, outside the range "
                         f"{model.value_range} that {path.name} takes (give its range)")  # fmt: skip
+    features = None
+    if dataset is not None and len(model.input_shape) == 1:  # a tabular split: its API lists its fields
+        schema = load_splits(dataset, seed=split_seed, root=data_root).meta.get("schema")
+        features = None if schema is None else TabularSchema.from_json(schema)
     oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtype,
-                          value_range=model.value_range)  # fmt: skip
+                          value_range=model.value_range, features=features, missing=missing)  # fmt: skip
     config = {**model.to_json(), "dataset": dataset}
+    if missing is not None:
+        config["missing"] = missing
     if dataset is not None:
         config["split_seed"] = split_seed
 
@@ -458,7 +483,8 @@ def _local_target(
         check_disjoint(pool, known)
     oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
                           mode=answer_mode, k=k, decimals=decimals, dtype=dtype,
-                          device=device, value_range=like.declared_range)  # fmt: skip
+                          device=device, value_range=like.declared_range,
+                          features=schema_of(meta))  # fmt: skip
     config = {
         "victim": str(Path(victim).resolve()),
         "victim_architecture": meta["architecture"],
@@ -499,7 +525,7 @@ def _remote_target(
 
     def evaluator() -> Evaluator:
         with RemoteOracle(url, client_id=f"{cid}-evaluator", api_key=evaluator_key, **stated) as judge:
-            labels = judge.query(test.x).argmax(1)
+            labels = judge.query(test.x)[:, : judge.num_classes].argmax(1)  # (mode leaf: + the node id)
         return Evaluator(test, labels)
 
     return _Target(oracle, pool, evaluator, {"victim": url, "dataset": dataset, "client_id": cid})
@@ -527,6 +553,9 @@ def served_api(
     num_classes: int | None = None,
     value_range: ValueRange | str | None = None,
     trusted: Sequence[str] | None = None,
+    dataset: str | None = None,
+    split_seed: int = 0,
+    missing: str | None = None,
 ) -> ServedAPI:
     """The prediction API of the victim checkpoint in ``victim`` (or of a model file, read
     with ``input_shape``/``num_classes``/``value_range``/``trusted`` where it does not say:
@@ -537,7 +566,10 @@ def served_api(
     logged there and state survives restarts. The owner's side that some defences need
     (its training data, the victim's architecture) comes from the checkpoint: the lab's
     split of its dataset, or the owner's training file. A model file brings no owner's side:
-    the defences that need one (mad, adaptive_misinformation, cosine) and ``pow`` are refused."""
+    the defences that need one (mad, adaptive_misinformation, cosine) and ``pow`` are refused.
+    A tabular model file publishes the record fields of ``dataset``'s split (``split_seed``),
+    as a checkpoint publishes its own; ``missing="stop"`` serves a decision tree file with
+    incomplete queries (BigML's behaviour)."""
     from mextract.defences.detection import Prada
     from mextract.defences.registry import Owner
     from mextract.server import ServedAPI
@@ -553,16 +585,23 @@ def served_api(
             raise InputError("proof of work prices queries on the owner's training data: a model file "
                              "brings none (serve a checkpoint)")  # fmt: skip
         model = load_external(victim, **external)
+        features = None
+        if dataset is not None:
+            schema = load_splits(dataset, seed=split_seed, root=data_root).meta.get("schema")
+            features = None if schema is None else TabularSchema.from_json(schema)
         oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals,
-                              dtype=dtypes[precision], value_range=model.value_range)  # fmt: skip
-    elif any(v is not None for v in external.values()):
-        raise InputError("input_shape, num_classes, value_range and trusted are for model files")
+                              dtype=dtypes[precision], value_range=model.value_range, features=features,
+                              missing=missing)  # fmt: skip
+    elif any(v is not None for v in external.values()) or dataset is not None or missing is not None:
+        raise InputError("input_shape, num_classes, value_range, trusted, dataset and missing are for "
+                         "model files")  # fmt: skip
     else:
         net, meta = load_checkpoint(victim)
         like = _template(meta)
         oracle = VictimOracle(net, input_shape=meta["input_shape"], num_classes=meta["num_classes"],
                               mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtypes[precision],
-                              device=device, value_range=like.declared_range)  # fmt: skip
+                              device=device, value_range=like.declared_range,
+                              features=schema_of(meta))  # fmt: skip
         if defence.strip() not in ("", "none") or pow:
             owner = Owner(victim=net, train=_owner_data(meta, like, data_root),
                           architecture=meta["architecture"], seed=seed, device=device)  # fmt: skip

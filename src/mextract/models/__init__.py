@@ -1,6 +1,6 @@
 """The model zoo, checkpoint I/O, and victims from model files (ONNX, skops, XGBoost, LightGBM)."""
 
-from mextract.models.checkpoint import load_checkpoint, read_meta, save_checkpoint, split_seed_of
+from mextract.models.checkpoint import load_checkpoint, read_meta, save_checkpoint, schema_of, split_seed_of
 from mextract.models.external import ExternalModel, is_model_file, load_external
 from mextract.models.zoo import MODELS, check_model_name, create_model, default_model_for
 
@@ -15,5 +15,6 @@ __all__ = [
     "load_external",
     "read_meta",
     "save_checkpoint",
+    "schema_of",
     "split_seed_of",
 ]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mextract.data.base import ValueRange
+from mextract.data.tabular import TabularSchema
 from mextract.errors import DataError
 from mextract.models.zoo import create_model
 
@@ -41,6 +42,13 @@ def split_seed_of(meta: dict[str, Any]) -> int:
     """The seed of the data split a victim was trained on (``meta["split"]["seed"]``; older
     checkpoints: their training seed)."""
     return int(meta.get("split", {}).get("seed", meta.get("seed", 0)))
+
+
+def schema_of(meta: dict[str, Any]) -> TabularSchema | None:
+    """The record fields of a tabular victim's data (``meta["split"]["schema"]``), which its API
+    publishes; ``None`` for images and older checkpoints."""
+    data = meta.get("split", {}).get("schema")
+    return None if data is None else TabularSchema.from_json(data)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

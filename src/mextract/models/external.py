@@ -87,6 +87,11 @@ class ExternalModel:
     _predict: Callable[[np.ndarray], np.ndarray] = field(repr=False, compare=False)
     details: str = ""
 
+    @property
+    def estimator(self) -> Any:
+        """The scikit-learn estimator of a ``.skops`` file (``None`` for other formats)."""
+        return getattr(self._predict, "estimator", None)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim < 1 or tuple(x.shape[1:]) != self.input_shape:
@@ -420,20 +425,24 @@ def _load_skops(sio: Any, p: Path, shape: tuple[int, ...] | None, trusted: Seque
         features = math.prod(shape)
     shape = _tabular_shape(p, int(features), shape)
     classes = [str(c) for c in est.classes_]
-    if hasattr(est, "predict_proba"):
-        return (
-            shape,
-            lambda x: est.predict_proba(_flat(x).astype(np.float64)),
-            classes,
-            "probs",
-            type(est).__name__,
-        )
+    kind: Output = "probs" if hasattr(est, "predict_proba") else "logits"
+    return shape, _SklearnScores(est), classes, kind, type(est).__name__
 
-    def decision(x: np.ndarray) -> np.ndarray:
-        d = np.asarray(est.decision_function(_flat(x).astype(np.float64)), dtype=np.float64)
+
+class _SklearnScores:
+    """A scikit-learn classifier's scores: ``predict_proba``, else ``decision_function`` (a binary
+    decision value ``d`` as the logit pair ``(0, d)``). Keeps the estimator (``estimator``),
+    for the oracle's tree walk (answer mode ``leaf``)."""
+
+    def __init__(self, estimator: Any) -> None:
+        self.estimator = estimator
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        flat = _flat(x).astype(np.float64)
+        if hasattr(self.estimator, "predict_proba"):
+            return np.asarray(self.estimator.predict_proba(flat))
+        d = np.asarray(self.estimator.decision_function(flat), dtype=np.float64)
         return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d
-
-    return shape, decision, classes, "logits", type(est).__name__
 
 
 # ---- XGBoost

@@ -5,11 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 from mextract._utils import as_tensor, check_shape
 from mextract.data.base import ValueRange
-from mextract.errors import InputError
+from mextract.data.tabular import TabularSchema
+from mextract.errors import DataError, InputError
 from mextract.oracle.ledger import Ledger
 from mextract.oracle.modes import AnswerMode
 from mextract.oracle.state import check_state_keys
@@ -44,6 +46,18 @@ class Oracle(ABC):
     decimals: int | None = None
     #: the declared range of input values; a query outside it is refused (``None``: unchecked)
     value_range: ValueRange | None = None
+    #: a tabular API's record fields (:class:`~mextract.data.tabular.TabularSchema`); a query
+    #: whose categorical block is not one-hot or whose ordinal code is no level is refused
+    features: TabularSchema | None = None
+    #: incomplete queries: ``None`` refuses a NaN; ``"stop"`` (decision trees, BigML's
+    #: behaviour) reads a NaN as a missing feature, and the path stops at the first node that
+    #: tests one (a categorical feature is missing when its whole one-hot block is NaN)
+    missing: str | None = None
+
+    @property
+    def answer_width(self) -> int:
+        """Values in one answer row: ``num_classes`` (plus the node identifier in mode ``leaf``)."""
+        return self.mode.width(self.num_classes)
 
     @property
     @abstractmethod
@@ -51,14 +65,14 @@ class Oracle(ABC):
         """The ledger that counts this oracle's answered samples."""
 
     def query(self, x: object) -> torch.Tensor:
-        """Answer a batch of inputs; raises on bad input (shape, NaN, values outside the declared
-        range) or an exhausted budget."""
-        t = as_tensor(x, name="query", dtype=self.dtype)
+        """Answer a batch of inputs; raises on bad input (shape, NaN — unless the API takes
+        incomplete queries, see ``missing`` —, values outside the declared range) or an
+        exhausted budget."""
+        t = query_tensor(x, dtype=self.dtype, missing=self.missing)
         check_shape(t, self.input_shape, name="query")
-        if self.value_range is not None:
-            self.value_range.check(t, "query")
+        check_query_values(t, self.value_range, self.features)
         if t.shape[0] == 0:
-            return torch.empty(0, self.num_classes, dtype=self.dtype)
+            return torch.empty(0, self.answer_width, dtype=self.dtype)
         return self._answer(t)
 
     __call__ = query
@@ -91,6 +105,8 @@ class OracleWrapper(Oracle):
         self.num_classes = inner.num_classes
         self.dtype = inner.dtype
         self.value_range = inner.value_range
+        self.features = inner.features
+        self.missing = inner.missing
         self.mode = inner.mode if mode is None else AnswerMode.parse(mode)
         if mode is None:  # a layer that keeps the answer mode keeps its parameters (a monitor around top-k)
             self.k, self.decimals = inner.k, inner.decimals
@@ -101,6 +117,61 @@ class OracleWrapper(Oracle):
 
     def _answer(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner.query(x)
+
+
+def query_tensor(x: object, *, dtype: torch.dtype, missing: str | None = None) -> torch.Tensor:
+    """A query batch as a tensor of ``dtype``; NaN (a missing feature) is kept only when the API
+    takes incomplete queries (``missing`` set), infinities never."""
+    if missing is None:
+        return as_tensor(x, name="query", dtype=dtype)
+    if isinstance(x, torch.Tensor):
+        nan = torch.isnan(x) if x.is_floating_point() else torch.zeros(x.shape, dtype=torch.bool)
+        t = as_tensor(torch.where(nan, torch.zeros((), dtype=x.dtype), x), name="query", dtype=dtype)
+    else:
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"query: expected a numeric array, got {type(x).__name__}") from exc
+        nan_np = np.isnan(arr) if np.issubdtype(arr.dtype, np.floating) else np.zeros(arr.shape, dtype=bool)
+        t = as_tensor(np.where(nan_np, 0, arr) if nan_np.any() else arr, name="query", dtype=dtype)
+        nan = torch.from_numpy(np.ascontiguousarray(nan_np))
+    return t.masked_fill(nan.to(t.device), float("nan")) if bool(nan.any()) else t
+
+
+def check_query_values(
+    t: torch.Tensor, value_range: ValueRange | None, features: TabularSchema | None
+) -> None:
+    """Refuse values outside the declared range and rows that are no valid record; NaN entries
+    (missing features, see :func:`query_tensor`) are not checked, except that a categorical
+    feature is missing only as a whole one-hot block."""
+    nan = torch.isnan(t)
+    has_nan = bool(nan.any())
+    if value_range is not None:
+        value_range.check(t[~nan] if has_nan else t, "query")
+    if features is None:
+        return
+    flat = t.reshape(len(t), -1)
+    if has_nan:
+        flat = flat.clone()
+        gaps = nan.reshape(len(t), -1)
+        for i, f in enumerate(features.features):
+            cols = features.columns(i)
+            block = gaps[:, cols]
+            if f.kind == "categorical":
+                partial = block.any(1) & ~block.all(1)
+                if bool(partial.any()):
+                    row = int(torch.nonzero(partial)[0, 0])
+                    raise DataError(
+                        f"query: feature {f.name!r} is categorical ({f.width} one-hot columns); a missing "
+                        f"category is a whole block of NaN, row {row} has {int(block[row].sum())} "
+                        f"of {f.width}"
+                    )
+                fill = torch.zeros(f.width, dtype=flat.dtype)
+                fill[0] = 1.0
+                flat[:, cols] = torch.where(block.all(1, keepdim=True), fill, flat[:, cols])
+            else:
+                flat[:, cols] = flat[:, cols].nan_to_num(0.0)
+    features.check(flat, "query")
 
 
 def oracle_layers(oracle: Oracle) -> list[Oracle]:
@@ -160,4 +231,12 @@ def load_stack_state_dict(oracle: Oracle, state: dict[str, Any]) -> None:
         raise
 
 
-__all__ = ["Oracle", "OracleWrapper", "load_stack_state_dict", "oracle_layers", "stack_state_dict"]
+__all__ = [
+    "Oracle",
+    "OracleWrapper",
+    "check_query_values",
+    "load_stack_state_dict",
+    "oracle_layers",
+    "query_tensor",
+    "stack_state_dict",
+]

@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from mextract._utils import as_tensor, check_shape
+from mextract._utils import check_shape
 from mextract.data.base import UNBOUNDED, ValueRange
+from mextract.data.tabular import TabularSchema
 from mextract.errors import BudgetExceededError, InputError
-from mextract.oracle.base import Oracle
+from mextract.oracle.base import Oracle, query_tensor
 from mextract.oracle.modes import AnswerMode
+from mextract.oracle.trees import check_missing
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -31,7 +34,12 @@ class APIDescription:
     """The public description of a prediction API.
 
     ``value_range`` is the declared range of input values (:class:`~mextract.data.ValueRange`,
-    unbounded when the API declares none); ``dtype`` the precision of queries and answers.
+    unbounded when the API declares none); ``dtype`` the precision of queries and answers;
+    ``features`` a tabular API's record fields (:class:`~mextract.data.tabular.TabularSchema`);
+    ``missing`` whether the API takes incomplete queries (``"stop"``: a NaN is a missing
+    feature and a decision tree's path stops at the first node that tests one; ``None``: a
+    NaN is refused). Answers have :attr:`answer_width` values per row (``num_classes``,
+    plus the node identifier in mode ``leaf``).
     """
 
     input_shape: tuple[int, ...]
@@ -41,6 +49,15 @@ class APIDescription:
     decimals: int | None = None
     value_range: ValueRange = UNBOUNDED
     dtype: torch.dtype = torch.float32
+    #: a tabular API's record fields (types, ranges, categories), as BigML's API lists them
+    features: TabularSchema | None = None
+    #: incomplete queries: ``"stop"`` (BigML's missing-feature behaviour) or ``None`` (refused)
+    missing: str | None = None
+
+    @property
+    def answer_width(self) -> int:
+        """Values in one answer row: ``num_classes`` (plus the node identifier in mode ``leaf``)."""
+        return self.mode.width(self.num_classes)
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.input_shape)
@@ -55,8 +72,14 @@ class APIDescription:
             raise InputError(f"answer mode 'topk' needs an integer k >= 1, got {self.k!r}")
         if self.mode is AnswerMode.ROUNDED and (not isinstance(self.decimals, int) or self.decimals < 0):
             raise InputError(f"answer mode 'rounded' needs integer decimals >= 0, got {self.decimals!r}")
+        if self.features is not None and self.features.width != int(np.prod(shape)):
+            raise InputError(
+                f"features: the schema has {self.features.width} columns, the input shape {shape} "
+                f"holds {int(np.prod(shape))} values"
+            )
         if self.dtype not in _DTYPES.values():
             raise InputError(f"dtype: expected torch.float32 or torch.float64, got {self.dtype}")
+        check_missing(self.missing)
 
     @classmethod
     def of(cls, oracle: Oracle) -> APIDescription:
@@ -70,6 +93,8 @@ class APIDescription:
             decimals=oracle.decimals if oracle.mode is AnswerMode.ROUNDED else None,
             value_range=oracle.value_range or UNBOUNDED,
             dtype=oracle.dtype,
+            features=oracle.features,
+            missing=oracle.missing,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +106,8 @@ class APIDescription:
             "decimals": self.decimals,
             "value_range": self.value_range.to_json(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "features": None if self.features is None else self.features.to_json(),
+            "missing": self.missing,
         }
 
     @classmethod
@@ -95,6 +122,8 @@ class APIDescription:
                 decimals=data.get("decimals"),
                 value_range=ValueRange.from_json(data.get("value_range"), shape),
                 dtype=_DTYPES[str(data.get("dtype", "float32"))],
+                features=None if data.get("features") is None else TabularSchema.from_json(data["features"]),
+                missing=data.get("missing"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"API description: malformed ({exc!r})") from exc
@@ -161,7 +190,7 @@ class Client:
 
     def query(self, x: object) -> torch.Tensor:
         """Answer a batch ``(N, *input_shape)``; refused whole if it would pass the budget."""
-        t = as_tensor(x, name="query", dtype=self.description.dtype)
+        t = query_tensor(x, dtype=self.description.dtype, missing=self.description.missing)
         check_shape(t, self.description.input_shape, name="query")
         n = int(t.shape[0])
         if self._budget is not None and self._spent + n > self._budget:

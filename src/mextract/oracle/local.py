@@ -13,11 +13,13 @@ from torch import nn
 
 from mextract._utils import resolve_device
 from mextract.data.base import ValueRange
+from mextract.data.tabular import TabularSchema
 from mextract.errors import InputError
 from mextract.models.external import ExternalModel
 from mextract.oracle.base import Oracle
 from mextract.oracle.ledger import Ledger
 from mextract.oracle.modes import AnswerMode, restrict
+from mextract.oracle.trees import TreeWalker, check_missing, find_tree
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,6 +118,19 @@ class VictimOracle(Oracle):
         batch_size: the victim is called on chunks of at most this many samples.
         value_range: the declared range of input values (e.g. the checkpoint's); a query
             outside it is refused, never answered. ``None``: any finite value.
+        features: a tabular API's record fields (:class:`~mextract.data.tabular.TabularSchema`,
+            e.g. a split's ``meta["schema"]``); published in the API's description, and a
+            query that is not a valid record (a categorical block not one-hot) is refused.
+        missing: incomplete queries, for decision-tree victims (a fitted scikit-learn
+            ``DecisionTreeClassifier``, directly or from a ``.skops`` file): ``None`` refuses
+            a NaN; ``"stop"`` reads a NaN as a missing feature and ends the record's path at
+            the first node that tests one, as BigML does (a categorical feature is missing
+            when its whole one-hot block is NaN). Published in the API's description.
+
+    Mode ``leaf`` (decision trees only) answers rows of ``num_classes + 1`` values: the
+    class distribution of the node where the path ends, then that node's identifier (see
+    :mod:`mextract.oracle.modes`); on complete records, ``tree.predict_proba`` and
+    ``tree.apply``.
 
     Example:
         >>> oracle = VictimOracle(model, input_shape=(1, 28, 28), num_classes=10,
@@ -138,9 +153,13 @@ class VictimOracle(Oracle):
         device: str | torch.device | None = None,
         batch_size: int = 1024,
         value_range: ValueRange | None = None,
+        features: TabularSchema | None = None,
+        missing: str | None = None,
     ) -> None:
         self.mode = AnswerMode.parse(mode)
+        self.missing = check_missing(missing)
         self.value_range = value_range
+        self.features = features
         if self.mode is AnswerMode.TOPK and (not isinstance(k, int) or k < 1):
             raise InputError(f"answer mode 'topk' needs an integer k >= 1, got {k!r}")
         if self.mode is AnswerMode.ROUNDED and (not isinstance(decimals, int) or decimals < 0):
@@ -152,6 +171,16 @@ class VictimOracle(Oracle):
         self.k, self.decimals, self.dtype, self.batch_size = k, decimals, dtype, batch_size
         self._ledger = Ledger(budget, log=log)
         self._answers_probs = False  # the victim's scores are probabilities, not logits
+        self._tree: TreeWalker | None = None  # walked node by node (mode leaf, incomplete queries)
+        if self.mode is AnswerMode.LEAF or self.missing is not None:
+            est = find_tree(victim)
+            if est is None:
+                what = "answer mode 'leaf'" if self.mode is AnswerMode.LEAF else f"missing={self.missing!r}"
+                raise InputError(
+                    f"{what} needs a decision-tree victim (a fitted scikit-learn DecisionTreeClassifier, "
+                    f"directly or from a .skops file), got {type(victim).__name__}"
+                )
+            self._tree = TreeWalker.of(est)
 
         if isinstance(victim, ExternalModel):
             name = victim.path.name
@@ -185,6 +214,10 @@ class VictimOracle(Oracle):
             raise InputError(f"num_classes: expected at least 2, got {num_classes}")
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
+        if features is not None and features.width != int(np.prod(self.input_shape)):
+            raise InputError(
+                f"features: the schema has {features.width} columns, the victim takes {self.input_shape}"
+            )
 
     @property
     def ledger(self) -> Ledger:
@@ -213,6 +246,8 @@ class VictimOracle(Oracle):
         n = x.shape[0]
         self._ledger.charge(n)  # raises before the victim sees anything
         try:
+            if self._tree is not None:
+                return self._answer_tree(x, self._tree)
             logits = torch.cat([self._call(x[i : i + self.batch_size]) for i in range(0, n, self.batch_size)])
         except BaseException:
             self._ledger.refund(n)
@@ -221,6 +256,16 @@ class VictimOracle(Oracle):
             answers = _restrict_probs(logits, self.mode, k=self.k, decimals=self.decimals)
         else:
             answers = restrict(logits, self.mode, k=self.k, decimals=self.decimals)
+        self._ledger.record(x, answers)
+        return answers
+
+    def _answer_tree(self, x: torch.Tensor, tree: TreeWalker) -> torch.Tensor:
+        rows = tree.answer(x.detach().cpu().numpy(), stop_missing=self.missing == "stop")
+        full = torch.from_numpy(rows).to(self.dtype)
+        if self.mode is AnswerMode.LEAF:
+            answers = full
+        else:  # another mode over the end node's distribution (incomplete queries)
+            answers = _restrict_probs(full[:, :-1], self.mode, k=self.k, decimals=self.decimals)
         self._ledger.record(x, answers)
         return answers
 

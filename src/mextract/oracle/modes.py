@@ -1,7 +1,9 @@
 """Answer modes: what a prediction API reveals about its victim's output.
 
-Every mode answers a batch ``(N, *input_shape)`` with a tensor of the same shape,
-``(N, num_classes)``, so that attacks and defences never branch on return shapes:
+Every mode but one answers a batch ``(N, *input_shape)`` with a tensor of the same
+shape, ``(N, num_classes)``, so that attacks and defences never branch on return shapes;
+mode ``leaf``, for decision-tree victims only, adds one column (``(N, num_classes + 1)``,
+:meth:`AnswerMode.width`):
 
 ========== ==================================================================
 mode       answer row
@@ -12,6 +14,13 @@ topk       the probabilities of the k most likely classes, zeros elsewhere
            (not renormalised, as Knockoff Nets' top-k API returns them)
 rounded    the probability vector rounded to ``decimals`` decimal places
 label      a one-hot vector of the top-1 class (hard label)
+leaf       a decision tree's answer: the class distribution of the node where
+           the record's path ends, then that node's identifier (an integer
+           stored as a float) — ``num_classes + 1`` values. BigML's API reveals
+           a per-leaf confidence and instance distribution that Tramèr et al.
+           (USENIX Security 2016, section 4.2) use as a pseudo-identifier of
+           the leaf; the lab's identifier stands for it. With incomplete
+           queries (``missing="stop"``) the path may end at an inner node.
 ========== ==================================================================
 """
 
@@ -30,6 +39,7 @@ class AnswerMode(StrEnum):
     TOPK = "topk"
     ROUNDED = "rounded"
     LABEL = "label"
+    LEAF = "leaf"
 
     @classmethod
     def parse(cls, value: str | AnswerMode) -> AnswerMode:
@@ -45,6 +55,10 @@ class AnswerMode(StrEnum):
         """True when the answer carries more than the top-1 class."""
         return self is not AnswerMode.LABEL
 
+    def width(self, num_classes: int) -> int:
+        """Values in one answer row: ``num_classes``, plus the node identifier in mode ``leaf``."""
+        return num_classes + 1 if self is AnswerMode.LEAF else num_classes
+
 
 def restrict(
     logits: torch.Tensor,
@@ -56,6 +70,12 @@ def restrict(
     """Turn a victim's logits ``(N, K)`` into the answer of ``mode`` (same shape)."""
     if mode is AnswerMode.LOGITS:
         return logits
+    if mode is AnswerMode.LEAF:
+        raise InputError(
+            "answer mode 'leaf' reveals a decision tree's node (its class distribution and "
+            "identifier); it cannot be computed from logits: the victim must be a fitted "
+            "scikit-learn DecisionTreeClassifier"
+        )
     if mode is AnswerMode.LABEL:
         return torch.nn.functional.one_hot(logits.argmax(1), logits.shape[1]).to(logits.dtype)
     probs = torch.softmax(logits, dim=1)
@@ -77,10 +97,13 @@ def answers_to_probs(answers: torch.Tensor, mode: AnswerMode) -> torch.Tensor:
     """Best probability-vector reading of an answer batch, for soft-label training.
 
     Logits go through a softmax; rounded or top-k vectors are renormalised to sum to one
-    (a row rounded to all zeros becomes uniform); one-hot labels are already vectors.
+    (a row rounded to all zeros becomes uniform); one-hot labels are already vectors;
+    ``leaf`` rows lose their node identifier (the last column).
     """
     if mode is AnswerMode.LOGITS:
         return torch.softmax(answers, dim=1)
+    if mode is AnswerMode.LEAF:
+        answers = answers[:, :-1]
     total = answers.sum(dim=1, keepdim=True)
     uniform = torch.full_like(answers, 1.0 / answers.shape[1])
     return torch.where(total > 0, answers / total.clamp_min(1e-12), uniform)

@@ -210,6 +210,8 @@ class RemoteOracle(Oracle):
         self.input_shape, self.num_classes, self.mode = desc.input_shape, desc.num_classes, desc.mode
         self.k, self.decimals, self.dtype = desc.k, desc.decimals, _DTYPES[datatype]
         self.value_range = desc.value_range
+        self.features = desc.features
+        self.missing = desc.missing
 
     # ------------------------------------------------------------------ requests
 
@@ -292,8 +294,8 @@ class RemoteOracle(Oracle):
             out = decode_response(response.content, length, self.output_name)
         except ProtocolError as exc:
             raise RemoteAPIError(f"{self.url}: {exc}", response.status_code) from None
-        if out.shape != (n, self.num_classes):
-            expected = (n, self.num_classes)
+        if out.shape != (n, self.answer_width):
+            expected = (n, self.answer_width)
             raise RemoteAPIError(f"{self.url}: answered shape {out.shape}, expected {expected}")
         self._limit(response.headers.get("x-queries-spent"), response.headers.get("x-queries-remaining"))
         return torch.from_numpy(np.array(out, dtype=np.float64)).to(self.dtype)

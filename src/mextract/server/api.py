@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from mextract._utils import as_tensor, check_shape
+from mextract._utils import check_shape
 from mextract.defences.detection import Prada, PradaClient
 from mextract.defences.pow import PowGate, Puzzle
 from mextract.defences.registry import Owner, build_defence
 from mextract.errors import BudgetExceededError, InputError, MextractError
 from mextract.oracle import APIDescription, Oracle, VictimOracle, load_stack_state_dict, stack_state_dict
+from mextract.oracle.base import check_query_values, query_tensor
 from mextract.server.store import Store
 
 #: client ids are what a caller states in a header: short printable text
@@ -179,7 +180,8 @@ class ServedAPI:
             store.bind(self.description.to_json(), defence)
 
     def _stack(self, client_id: Hashable, base: VictimOracle) -> Oracle:
-        oracle = build_defence(self.defence, base, self._owner)
+        # each client's own per-client decisions (DAWN's watermark key); "" is the description's stack
+        oracle = build_defence(self.defence, base, self._owner, client=str(client_id) if client_id else None)
         if self.detect is not None:
             oracle = PradaClient(oracle, self.detect, client_id, block=self.on_alarm == "block")
         return oracle
@@ -264,10 +266,11 @@ class ServedAPI:
         :class:`~mextract.defences.pow.PowError`.
         """
         tenant = self._tenant(client_id)
-        t = as_tensor(x, name="query", dtype=self.description.dtype)
-        check_shape(t, self.description.input_shape, name="query")  # bad input: refused before any
-        if self.victim.value_range is not None:  # puzzle, token or privacy cost is spent on it
-            self.victim.value_range.check(t, "query")
+        # bad input (shape, NaN unless the API takes incomplete queries, value range, a row that is no
+        # valid record) is refused before any puzzle, token or privacy cost is spent on it
+        t = query_tensor(x, dtype=self.description.dtype, missing=self.victim.missing)
+        check_shape(t, self.description.input_shape, name="query")
+        check_query_values(t, self.victim.value_range, self.victim.features)
         with tenant.lock:
             if self.pow is not None and len(t):
                 ledger = tenant.base.ledger
@@ -282,8 +285,10 @@ class ServedAPI:
             flagged = self.detect is not None and self.detect.flagged(client_id)
             answers = tenant.oracle.query(t)
             now_flagged = self.detect is not None and self.detect.flagged(client_id)
-            if now_flagged and self.on_alarm == "degrade":
-                answers = torch.nn.functional.one_hot(answers.argmax(1), answers.shape[1]).to(answers.dtype)
+            if now_flagged and self.on_alarm == "degrade":  # the top-1 class only (no leaf identifier)
+                k = self.description.num_classes
+                top = torch.nn.functional.one_hot(answers[:, :k].argmax(1), k).to(answers.dtype)
+                answers = torch.cat([top, torch.zeros_like(answers[:, k:])], dim=1)
             if self.store is not None and len(t):
                 try:
                     tenant.seq = self.store.log(client_id, uuid.uuid4().hex, t.cpu().numpy(), answers.numpy())

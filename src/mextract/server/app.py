@@ -128,7 +128,7 @@ def create_app(api: ServedAPI, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         versions=[VERSION],
         platform="mextract",
         inputs=[TensorMetadata(name=INPUT_NAME, datatype=tensor_type, shape=[-1, *desc.input_shape])],
-        outputs=[TensorMetadata(name=OUTPUT_NAME, datatype=tensor_type, shape=[-1, desc.num_classes])],
+        outputs=[TensorMetadata(name=OUTPUT_NAME, datatype=tensor_type, shape=[-1, desc.answer_width])],
         parameters={"mextract_api": orjson.dumps(desc.to_json()).decode()},
     )
 

@@ -23,6 +23,7 @@ from mextract.attacks.direct.common import (
     AnswerModeError,
     DirectExtractionError,
     NotPiecewiseLinearError,
+    UnsupportedVictimError,
 )
 from mextract.attacks.direct.deep import ReLU2Cryptanalysis, align_relu2, relu2_model, relu2_parameters
 from mextract.attacks.direct.equations import EquationSolving, linear_model
@@ -37,6 +38,7 @@ __all__ = [
     "ReLU2Cryptanalysis",
     "ReLUAlignment",
     "ReLUCryptanalysis",
+    "UnsupportedVictimError",
     "align_relu1",
     "align_relu2",
     "gaussian_relu1",

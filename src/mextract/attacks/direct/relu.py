@@ -39,6 +39,27 @@ schedule of our own:
    outputs at once), and a held-out set of fresh queries must be reproduced to
    ``verify_tol`` relative error or the attack raises instead of returning a wrong model.
 
+Robustness and precision (issue 16; our choices, in the spirit of Carlini et al.'s
+precision refinements but not their procedure):
+
+* every step and tolerance comes from the answers' unit roundoff (:class:`Precision`;
+  float64 keeps the constants above, float32 answers get longer slope probes and
+  looser "on the line", Jacobian, rank-one and sign tolerances); queries are rounded to
+  the API's dtype before the steps taken are computed;
+* a gradient jump that is not rank one (two kinks merged) is searched again on a fine
+  grid between its neighbouring piece middles, re-measuring only the pieces next to it;
+  the rank-one test discounts the noise floor ``4(√K + √D)·err`` of the Jacobian entries;
+* ``refine_steps``: Jacobian columns are re-measured with the longest safe step the
+  recovered geometry allows (finite-difference error is ``noise/step``), and kept only if
+  consistent with the first measurement;
+* ``retries``: a failure another line can avoid restarts on a fresh random line;
+* hidden layers wider than the ``K·D`` equations of the sign solve: the binary flips are
+  found by enumerating the solve's null space (:func:`_binary_in_nullspace`);
+* float32 answers on small nets: a joint Gauss-Newton least-squares polish of all
+  parameters on fresh queries (:func:`_gauss_newton`);
+* ``logits`` that are log-probabilities (scikit-learn ``MLPClassifier`` victims) are read
+  as probabilities (differences to class 0; shorter search range).
+
 Hidden units come back with unit-norm input weights: the network's symmetry (a positive
 scale per unit and a permutation) is all that is not recovered; see
 :func:`mextract.attacks.direct.align.align_relu1` for the error after alignment.
@@ -67,6 +88,8 @@ from mextract.attacks.direct.common import (
     DirectExtractionError,
     FlatOracle,
     NotPiecewiseLinearError,
+    UnsupportedVictimError,
+    with_retries,
 )
 from mextract.errors import InputError
 from mextract.oracle import AnswerMode, APIDescription
@@ -74,6 +97,45 @@ from mextract.oracle import AnswerMode, APIDescription
 logger = logging.getLogger(__name__)
 
 _EPS = np.finfo(np.float64).eps
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Step sizes and tolerances chosen from the answers' unit roundoff ``eps``.
+
+    ``fd``: relative finite-difference step of the kink search's slopes (float64: 1e-4,
+    as before; coarser answers need longer steps: the slope error is ``~noise/step``).
+    ``noise``: relative error assumed on an answer (a few roundings of the forward pass
+    and of the query itself). ``tol``: the "lies on the line" tolerance, ``jac``: the
+    Jacobian check, ``rank``: the largest second/first singular value of a gradient jump,
+    ``flip``: how far a sign coefficient may be from 0/1, ``verify``: the final check.
+    For float64 every value equals the attack's historical constant.
+    """
+
+    eps: float
+    fd: float
+    noise: float
+    tol: float
+    jac: float
+    rank: float
+    flip: float
+    verify: float
+
+    @classmethod
+    def of(cls, eps: float, *, tol: float, verify_tol: float) -> Precision:
+        ratio = max(1.0, eps / _EPS)  # 1 for float64, 5.4e8 for float32
+        fd = min(1e-2, 1e-4 * ratio**0.25)
+        noise = 8.0 * eps
+        return cls(
+            eps=eps,
+            fd=fd,
+            noise=noise,
+            tol=max(tol, 4.0 * noise / fd),
+            jac=max(1e-9, 1e3 * noise),
+            rank=max(1e-6, 3e3 * noise),
+            flip=max(1e-3, 3e4 * noise),
+            verify=max(verify_tol, 16.0 * noise),
+        )
 
 
 def relu1_model(
@@ -135,6 +197,17 @@ class ReLUCryptanalysis(Attack):
             linear".
         search_range: the line is searched over ``|t| <= 4^search_range`` input norms;
             ``None``: 11 for logits, 3 for probabilities (far queries would underflow them).
+        retries: after a failure that a different line can avoid (kinks too close to
+            separate, a rank-two jump, a failed check), start again on a fresh random line,
+            this many times at most; every query counts (``lines_tried`` in the metrics).
+        refine_steps: after the first rows are known, re-measure every Jacobian column whose
+            safe step (half the way to the nearest known hyperplane along ``e_i``) is over
+            4× the first one: finite-difference error is ``~noise/step``, so this is what
+            keeps wide layers (close kinks, short first steps) and float32 answers precise.
+        polish_max_params: for answers coarser than float64 (float32), networks with at most
+            this many parameters get a final joint Gauss-Newton least-squares polish of all
+            parameters on ``2P/K + 16`` fresh queries (activation pattern fixed from the
+            current estimate; points near a hyperplane excluded).
 
     Metrics: ``hidden_units`` found, ``kinks``, ``flipped_units``, ``verify_rel_error``,
     ``requeried_columns`` and the query split of the stages.
@@ -150,6 +223,9 @@ class ReLUCryptanalysis(Attack):
     max_kinks: int = 4096
     min_width: float = 1e-9
     search_range: int | None = None
+    retries: int = 2
+    refine_steps: bool = True
+    polish_max_params: int = 2500
 
     def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if api.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
@@ -179,8 +255,18 @@ class ReLUCryptanalysis(Attack):
     def run(self, ctx: AttackContext) -> nn.Module:
         t_start = time.perf_counter()
         f = FlatOracle(ctx.api)
-        d, k = f.dim, f.num_classes
         rng = np.random.default_rng(ctx.seed)
+        # a fresh random line: kinks that were too close together on this one (merged, or a step
+        # that could not avoid a neighbour) are far apart there
+        model, tried = with_retries(lambda: self._attempt(ctx, f, rng, ctx.spent), self.retries,
+                                    what="relu extraction", tries="random lines")  # fmt: skip
+        ctx.metrics["lines_tried"] = float(tried)
+        ctx.metrics["attack_time_s"] = time.perf_counter() - t_start
+        return model
+
+    def _attempt(self, ctx: AttackContext, f: FlatOracle, rng: np.random.Generator, spent0: int) -> nn.Module:
+        t_start = time.perf_counter()
+        d, k = f.dim, f.num_classes
         sigma = float(self.input_scale)
         unit = sigma * np.sqrt(d)  # typical norm of a base point: the unit of t
         x0 = sigma * rng.standard_normal(d)
@@ -188,13 +274,16 @@ class ReLUCryptanalysis(Attack):
         u /= np.linalg.norm(u)
         line = _Line(f, x0, u)
         stages: dict[str, float] = {}
+        prec = Precision.of(f.eps, tol=self.tol, verify_tol=self.verify_tol)
 
         # 1. critical points on the line ------------------------------------
         reach = self.search_range
+        if f.log_probs is None and f.mode is AnswerMode.LOGITS:
+            f(x0[None, :])  # one query: are these logits really log-probabilities?
         if reach is None:
-            reach = 11 if f.mode is AnswerMode.LOGITS else 3
-        kinks, values = self._find_kinks(line, unit, reach)
-        stages["queries_search"] = float(ctx.spent)
+            reach = 3 if f.mode is AnswerMode.PROBS or f.log_probs else 11
+        kinks, values = self._find_kinks(line, unit, reach, prec)
+        stages["queries_search"] = float(ctx.spent - spent0)
         if not kinks:
             raise DirectExtractionError(
                 "no critical point found on a line spanning 10^7 input norms: expected a "
@@ -205,58 +294,111 @@ class ReLUCryptanalysis(Attack):
         logger.info("relu extraction: %d critical points on the line", len(ts))
 
         # 2. one affine model per linear piece ------------------------------
-        pts, ell = _segment_points(ts, unit)
-        h_steps = ell / (4.0 * np.sqrt(d))
-        grads = np.empty((len(pts), k, d))
-        offs = np.empty((len(pts), k))
-        vals = np.empty((len(pts), k))
-        centers = x0[None, :] + pts[:, None] * u[None, :]
-        shrinks = 0
-        for s in range(len(pts)):
-            for _ in range(8):
-                grads[s], vals[s], ok = self._checked_jacobian(f, centers[s], h_steps[s], rng)
-                if ok:
-                    break
-                h_steps[s] /= 16.0  # a step crossed a hyperplane: the piece is narrower here
-                shrinks += 1
-            else:
-                raise NotPiecewiseLinearError(
-                    "gradient of a linear piece: expected the victim to be affine around "
-                    f"t = {pts[s]:.6g} for steps down to {h_steps[s]:.3g}, got a mismatch: the "
-                    "victim is not piecewise linear"
+        # (pieces are cached by their middle: a re-search around one kink re-measures
+        # only the pieces next to it)
+        cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        requeried = shrinks = researched = 0
+        q_grad0 = ctx.spent
+        for refine in range(4):
+            pts, ell = _segment_points(ts, unit)
+            centers = f.snap(x0[None, :] + pts[:, None] * u[None, :])
+            grads = np.empty((len(pts), k, d))
+            vals = np.empty((len(pts), k))
+            steps = np.empty((len(pts), d))  # (S, D) current step per column
+            for s in range(len(pts)):
+                hit = cache.get(float(pts[s]))
+                if hit is not None:
+                    grads[s], vals[s], steps[s] = hit
+                    continue
+                h_step = ell[s] / (4.0 * np.sqrt(d))
+                for _ in range(8):
+                    grads[s], vals[s], ok = self._checked_jacobian(f, centers[s], h_step, rng, prec.jac)
+                    if ok:
+                        break
+                    h_step /= 16.0  # a step crossed a hyperplane: the piece is narrower here
+                    shrinks += 1
+                else:
+                    raise NotPiecewiseLinearError(
+                        "gradient of a linear piece: expected the victim to be affine around "
+                        f"t = {pts[s]:.6g} for steps down to {h_step:.3g}, got a mismatch: the "
+                        "victim is not piecewise linear"
+                    )
+                steps[s] = h_step
+            w0 = b0 = a1 = None
+            ratio = np.zeros(0)
+            keep = np.ones(len(ts), dtype=bool)
+            for _ in range(4):
+                offs = vals - np.einsum("skd,sd->sk", grads, centers)
+                w0, b0, a1, ratio, keep = _rows_from_jumps(
+                    grads, offs, centers, prec.rank, _jac_err(vals, steps, prec)
                 )
-        steps = np.repeat(h_steps[:, None], d, axis=1)  # (S, D) current step per column
-        stages["queries_gradients"] = float(ctx.spent) - stages["queries_search"]
-
-        requeried = 0
-        w0 = b0 = a1 = None
-        ratio = np.zeros(0)
-        keep = np.ones(len(ts), dtype=bool)
-        for _ in range(4):
-            offs = vals - np.einsum("skd,sd->sk", grads, centers)
-            w0, b0, a1, ratio, keep = _rows_from_jumps(grads, offs, centers)
-            bad = _unsafe_steps(w0, b0, centers, steps)
-            if not bad:
+                bad = _unsafe_steps(w0, b0, centers, steps)
+                if not bad:
+                    break
+                for s, cols in bad.items():
+                    new = _safe_steps(w0, b0, centers[s], cols)
+                    g_cols = self._columns(f, centers[s], vals[s], cols, new)
+                    grads[s][:, cols] = g_cols
+                    steps[s, cols] = np.abs(new)
+                    requeried += len(cols)
+            assert w0 is not None and b0 is not None and a1 is not None
+            if self.refine_steps and len(w0):
+                # coarse answers: the Jacobian's error is ~noise/step, so re-measure every
+                # column whose safe step (half the way to the nearest known hyperplane along
+                # e_i) is much longer than the first one, then recompute the rows
+                gain = 4.0 if prec.eps > 1e-12 else 16.0
+                for s in range(len(centers)):
+                    new = _safe_steps(w0, b0, centers[s], np.arange(d))
+                    cols = np.nonzero(np.abs(new) > gain * steps[s])[0]
+                    if not len(cols):
+                        continue
+                    g_new = self._columns(f, centers[s], vals[s], cols, new[cols])
+                    requeried += len(cols)
+                    # keep a new column only if it agrees with the old one within the old
+                    # one's error (~noise·|y|/step): a disagreement means the long step
+                    # crossed a hyperplane that the current estimate misplaces
+                    old_err = 64.0 * prec.noise * (1.0 + np.abs(vals[s]).max()) / steps[s, cols]
+                    agree = np.abs(g_new - grads[s][:, cols]).max(axis=0) <= old_err
+                    grads[s][:, cols[agree]] = g_new[:, agree]
+                    steps[s, cols[agree]] = np.abs(new[cols[agree]])
+                offs = vals - np.einsum("skd,sd->sk", grads, centers)
+                w0, b0, a1, ratio, keep = _rows_from_jumps(
+                    grads, offs, centers, prec.rank, _jac_err(vals, steps, prec)
+                )
+            for s in range(len(pts)):
+                cache[float(pts[s])] = (grads[s].copy(), vals[s].copy(), steps[s].copy())
+            bad_kinks = np.nonzero(keep)[0][ratio > prec.rank]
+            if not len(bad_kinks) or refine == 3:
                 break
-            for s, cols in bad.items():
-                new = _safe_steps(w0, b0, centers[s], cols)
-                g_cols = self._columns(f, centers[s], vals[s], cols, new)
-                grads[s][:, cols] = g_cols
-                steps[s, cols] = np.abs(new)
-                requeried += len(cols)
+            # a jump that is not rank one: two (or more) kinks were merged into one. Search
+            # the stretch between the two neighbouring piece middles again on a fine grid
+            # (one slope per grid point), where they fall into different cells.
+            new_ts = list(ts)
+            for j in sorted(bad_kinks, reverse=True):
+                fine = np.linspace(pts[j], pts[j + 1], 65)
+                sub, n_sub = self._find_kinks(line, unit, reach, prec, grid=fine)
+                values += n_sub
+                if sub and not (len(sub) == 1 and abs(sub[0] - ts[j]) <= 1e-9 * max(abs(ts[j]), unit)):
+                    new_ts[j : j + 1] = sorted(sub)
+                    researched += 1
+            if len(new_ts) == len(ts) and np.array_equal(np.array(new_ts), ts):
+                break
+            ts = np.array(sorted(new_ts))
+        stages["queries_gradients"] = float(ctx.spent - q_grad0)
         assert w0 is not None and b0 is not None and a1 is not None
-        if len(ratio) and ratio.max() > 1e-6:
+        if len(ratio) and ratio.max() > prec.rank:
             j = int(np.argmax(ratio))
             raise DirectExtractionError(
                 f"gradient jump at critical point {j}: expected rank one (one hidden unit), got "
                 f"second/first singular value {ratio[j]:.3g}: two hyperplanes cross too close "
                 "together, or the victim is not a one-hidden-layer ReLU network"
             )
+        stages["kinks_researched"] = float(researched)
         stages["queries_requery"] = float(requeried)
         stages["step_shrinks"] = float(shrinks)
 
         # 3. absolute signs ---------------------------------------------------
-        flips = _solve_flips(w0, b0, a1, grads, centers)
+        flips = _solve_flips(w0, b0, a1, grads, centers, prec.flip)
         w0[flips] *= -1.0
         b0[flips] *= -1.0
 
@@ -272,14 +414,27 @@ class ReLUCryptanalysis(Attack):
         xs = np.vstack([centers, x_fit])
         ys = np.vstack([vals, y_fit])
         a1, b1 = _output_layer(w0, b0, xs, ys)
+        n_par = w0.shape[0] * (d + 1) + k * (w0.shape[0] + 1)
+        polished = 0
+        if prec.eps > 1e-12 and n_par <= self.polish_max_params:
+            # coarse answers: a joint least-squares polish of every parameter on fresh queries
+            n_pol = int(np.ceil(2.0 * n_par / k)) + 16
+            x_pol = sigma * rng.standard_normal((n_pol, d))
+            y_pol = f(x_pol)
+            w0, b0, a1, b1 = _gauss_newton(
+                w0, b0, a1, b1, np.vstack([xs, x_pol]), np.vstack([ys, y_pol]), unit
+            )
+            polished = n_pol
+        stages["queries_polish"] = float(polished)
         x_ver = sigma * rng.standard_normal((self.verify_queries, d))
         y_ver = f(x_ver)
         pred = np.maximum(x_ver @ w0.T + b0, 0.0) @ a1.T + b1
         rel = float(np.abs(pred - y_ver).max() / max(np.abs(y_ver).max(), 1e-300))
-        if not rel <= self.verify_tol:
+        if not rel <= prec.verify:
             raise DirectExtractionError(
                 f"extracted network reproduces the victim only to relative error {rel:.3g} on "
-                f"{self.verify_queries} fresh queries (expected <= {self.verify_tol:g}): the "
+                f"{self.verify_queries} fresh queries (expected <= {prec.verify:.3g} for answers "
+                f"with unit roundoff {prec.eps:.3g}): the "
                 "victim is not a one-hidden-layer ReLU network with logit outputs, or a hidden "
                 "unit was missed (e.g. two critical points too close to separate)"
             )
@@ -291,6 +446,9 @@ class ReLUCryptanalysis(Attack):
                 "flipped_units": float(flips.sum()),
                 "requeried_columns": float(requeried),
                 "verify_rel_error": rel,
+                "verify_queries": float(self.verify_queries),
+                "verify_tol": prec.verify,
+                "answer_eps": prec.eps,
                 "search_points": float(values),
                 "attack_time_s": time.perf_counter() - t_start,
                 **stages,
@@ -300,11 +458,27 @@ class ReLUCryptanalysis(Attack):
         return model
 
     # ====================================================== kink search
-    def _find_kinks(self, line: _Line, unit: float, reach: int) -> tuple[list[float], int]:
-        """All critical points of the line, by slope-intersection search (see module doc)."""
-        pos = unit * 4.0 ** np.arange(-5, reach + 1)
-        grid = np.concatenate([-pos[::-1], [0.0], pos])
-        dt = 1e-4 * np.maximum(np.abs(grid), unit)
+    def _find_kinks(
+        self,
+        line: _Line,
+        unit: float,
+        reach: int,
+        prec: Precision | None = None,
+        grid: np.ndarray | None = None,
+    ) -> tuple[list[float], int]:
+        """All critical points of the line, by slope-intersection search (see module doc);
+        ``grid``: search only between these points (default: the geometric grid)."""
+        if prec is None:
+            prec = Precision.of(line.f.eps, tol=self.tol, verify_tol=self.verify_tol)
+        fd = prec.fd
+        if grid is None:
+            pos = unit * 4.0 ** np.arange(-5, reach + 1)
+            grid = np.concatenate([-pos[::-1], [0.0], pos])
+        dt = fd * np.maximum(np.abs(grid), unit)
+        if len(grid) > 1:  # a slope probe must stay well inside its cell
+            gaps = np.diff(grid)
+            room = np.minimum(np.concatenate([gaps, [np.inf]]), np.concatenate([[np.inf], gaps]))
+            dt = np.minimum(dt, 0.25 * room)
         g_all = line(np.concatenate([grid, grid + dt]))
         n = len(grid)
         g, g2 = g_all[:n], g_all[n:]
@@ -317,7 +491,7 @@ class ReLUCryptanalysis(Attack):
             a, ga, sa, b, gb, sb, depth = stack.pop()
             w = b - a
             mag = max(np.abs(ga).max(), np.abs(gb).max(), np.abs(sa).max() * w, np.abs(sb).max() * w)
-            tol = self.tol * mag + 1e-300
+            tol = prec.tol * mag + 1e-300
             ds = sa - sb
             if np.abs(ga + sa * w - gb).max() <= tol and np.abs(ds).max() * w <= tol:
                 continue  # one linear piece
@@ -334,11 +508,11 @@ class ReLUCryptanalysis(Attack):
                 if on_both:
                     # with one output the end lines always meet: also check that the bend is
                     # *at* tau (left line just before it, right line just after it)
-                    eps = min(1e-4 * max(abs(tau), unit), 0.01 * (tau - a), 0.01 * (b - tau))
+                    eps = min(fd * max(abs(tau), unit), 0.01 * (tau - a), 0.01 * (b - tau))
                     side = line(np.array([tau - eps, tau + eps]))
                     n_points += 2
                     s_left, s_right = (gt - side[0]) / eps, (side[1] - gt) / eps
-                    slack = 1e-3 * np.abs(ds).max() + 1e3 * _EPS * mag / eps
+                    slack = 1e-3 * np.abs(ds).max() + 1e3 * prec.eps * mag / eps
                     on_both = np.abs(s_left - sa).max() <= slack and np.abs(s_right - sb).max() <= slack
                 if on_both:
                     logger.debug("kink %.9g in [%.9g, %.9g] eps %.3g", tau, a, b, eps)
@@ -350,7 +524,8 @@ class ReLUCryptanalysis(Attack):
                         )
                     continue
             stuck = n_points > 64 * (len(kinks) + 8)  # a ReLU kink costs ~5-15 queries
-            if w <= self.min_width * max(abs(a), abs(b), unit) or depth > 200 or stuck:
+            min_width = max(self.min_width, prec.noise / prec.fd)
+            if w <= min_width * max(abs(a), abs(b), unit) or depth > 200 or stuck:
                 raise NotPiecewiseLinearError(
                     "critical-point search: expected the victim to be piecewise linear along a "
                     f"line, got a bend that does not resolve into kinks near t = {a:.6g} (the "
@@ -360,12 +535,12 @@ class ReLUCryptanalysis(Attack):
             # split: at tau if it is well inside, else in the middle
             if gt is not None and a + 0.1 * w < tau < b - 0.1 * w:
                 m, gm = tau, gt
-                dm = min(1e-4 * max(abs(m), unit), 1e-3 * w)
+                dm = min(fd * max(abs(m), unit), 1e-3 * w)
                 gm2 = line(np.array([m + dm]))[0]
                 n_points += 1
             else:
                 m = 0.5 * (a + b)
-                dm = min(1e-4 * max(abs(m), unit), 1e-3 * w)
+                dm = min(fd * max(abs(m), unit), 1e-3 * w)
                 pair = line(np.array([m, m + dm]))
                 gm, gm2 = pair[0], pair[1]
                 n_points += 2
@@ -379,15 +554,17 @@ class ReLUCryptanalysis(Attack):
     def _jacobian(f: FlatOracle, p: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Forward differences at ``p`` with per-column steps ``h``: ``(K × D, value)``."""
         d = len(p)
+        p = f.snap(p)
         x = np.repeat(p[None, :], d + 1, axis=0)
         x[np.arange(1, d + 1), np.arange(d)] += h
+        x = f.snap(x)
         y = f(x)
         hh = x[np.arange(1, d + 1), np.arange(d)] - p  # the steps actually taken
         return ((y[1:] - y[0]) / hh[:, None]).T, y[0]
 
     @staticmethod
     def _checked_jacobian(
-        f: FlatOracle, p: np.ndarray, h: float, rng: np.random.Generator
+        f: FlatOracle, p: np.ndarray, h: float, rng: np.random.Generator, tol: float = 1e-9
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """Forward differences with step ``h`` plus one check query at ``p + (h/√D)·ξ``.
 
@@ -396,25 +573,29 @@ class ReLUCryptanalysis(Attack):
         the caller then retries with a smaller step. ``D + 2`` queries.
         """
         d = len(p)
+        p = f.snap(p)
         x = np.repeat(p[None, :], d + 2, axis=0)
         x[np.arange(1, d + 1), np.arange(d)] += h
         xi = rng.choice([-1.0, 1.0], size=d) * (h / np.sqrt(d))
         x[d + 1] += xi
+        x = f.snap(x)
         y = f(x)
         hh = x[np.arange(1, d + 1), np.arange(d)] - p  # the steps actually taken
         g = ((y[1 : d + 1] - y[0]) / hh[:, None]).T
         step = x[d + 1] - p
         pred = y[0] + g @ step
         scale = np.abs(y[0]).max() + np.abs(g).max() * np.abs(step).sum()
-        ok = bool(np.abs(pred - y[d + 1]).max() <= 1e-9 * scale)
+        ok = bool(np.abs(pred - y[d + 1]).max() <= tol * scale)
         return g, y[0], ok
 
     @staticmethod
     def _columns(
         f: FlatOracle, p: np.ndarray, value: np.ndarray, cols: np.ndarray, h: np.ndarray
     ) -> np.ndarray:
+        p = f.snap(p)
         x = np.repeat(p[None, :], len(cols), axis=0)
         x[np.arange(len(cols)), cols] += h
+        x = f.snap(x)
         y = f(x)
         hh = x[np.arange(len(cols)), cols] - p[cols]
         return ((y - value[None, :]) / hh[:, None]).T
@@ -472,13 +653,19 @@ def _segment_points(ts: np.ndarray, unit: float) -> tuple[np.ndarray, np.ndarray
 
 
 def _rows_from_jumps(
-    grads: np.ndarray, offs: np.ndarray, centers: np.ndarray
+    grads: np.ndarray,
+    offs: np.ndarray,
+    centers: np.ndarray,
+    rank_tol: float = 1e-6,
+    jac_err: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Unit rows (oriented "on at larger t"), biases, output columns, rank-one residuals
     and the mask of kinks kept.
 
     Row ``j`` comes from the jump between pieces ``j`` and ``j + 1``. Jumps negligible
-    next to the others (a spurious kink) are dropped.
+    next to the others (a spurious kink) are dropped. ``jac_err``: the estimated error of
+    each piece's Jacobian entries; the second singular value is judged above the noise
+    floor ``4(√K + √D)·err`` that such errors alone produce (coarse answers, wide inputs).
     """
     n = grads.shape[0] - 1
     d = grads.shape[2]
@@ -492,7 +679,10 @@ def _rows_from_jumps(
         dc = offs[j + 1] - offs[j]
         _, sv, vt = np.linalg.svd(jump, full_matrices=False)
         size[j] = sv[0]
-        ratio[j] = sv[1] / sv[0] if len(sv) > 1 and sv[0] > 0 else 0.0
+        floor = 0.0
+        if jac_err is not None:
+            floor = 4.0 * (np.sqrt(jump.shape[0]) + np.sqrt(d)) * (jac_err[j] + jac_err[j + 1])
+        ratio[j] = max(sv[1] - floor, 0.0) / sv[0] if len(sv) > 1 and sv[0] > 0 else 0.0
         w = vt[0]
         a = jump @ w
         b = float(a @ dc) / max(float(a @ a), 1e-300)
@@ -500,7 +690,7 @@ def _rows_from_jumps(
             w, b, a = -w, -b, -a
         # the unit turns on going right, so the jump is +a·wᵀ (the double flip keeps it)
         w0[j], b0[j], a1[:, j] = w, b, a
-    keep = size > 1e-7 * size.max()
+    keep = size > 0.1 * rank_tol * size.max()
     return w0[keep], b0[keep], a1[:, keep], ratio[keep], keep
 
 
@@ -539,7 +729,12 @@ def _safe_steps(w0: np.ndarray, b0: np.ndarray, p: np.ndarray, cols: np.ndarray)
 
 
 def _solve_flips(
-    w0: np.ndarray, b0: np.ndarray, a1: np.ndarray, grads: np.ndarray, centers: np.ndarray
+    w0: np.ndarray,
+    b0: np.ndarray,
+    a1: np.ndarray,
+    grads: np.ndarray,
+    centers: np.ndarray,
+    flip_tol: float = 1e-3,
 ) -> np.ndarray:
     """Which units are really ``ReLU(-z)``: the residual Jacobian is ``Σ f_j a_j w_jᵀ``."""
     h = w0.shape[0]
@@ -547,8 +742,12 @@ def _solve_flips(
     on = ((centers @ w0.T + b0) > 0).astype(float)  # (S, H) under the "on at larger t" guess
     resid = (on @ mats - grads.reshape(len(grads), -1)).mean(axis=0)  # same for every piece
     coef, *_ = np.linalg.lstsq(mats.T, resid, rcond=None)
+    sv = np.linalg.svd(mats.T, compute_uv=False)
+    rank = int((sv > 1e-9 * sv[0]).sum()) if len(sv) else 0
+    if rank < h:
+        return _binary_in_nullspace(mats.T, coef, h - rank, flip_tol)
     flips = coef > 0.5
-    if np.abs(coef - flips).max() > 1e-3:
+    if np.abs(coef - flips).max() > flip_tol:
         raise DirectExtractionError(
             "sign recovery: expected each unit's flip coefficient to be 0 or 1, got values up to "
             f"{np.abs(coef - flips).max():.3g} away: a hidden unit was missed or the victim is not "
@@ -566,3 +765,90 @@ def _output_layer(
     scale = np.linalg.norm(design, axis=1)
     theta, *_ = np.linalg.lstsq(design / scale[:, None], ys / scale[:, None], rcond=None)
     return theta[:-1].T, theta[-1]
+
+
+def _binary_in_nullspace(m: np.ndarray, c0: np.ndarray, nd: int, flip_tol: float) -> np.ndarray:
+    """The unique 0/1 vector ``f`` with ``m f = m c0`` when ``m`` (``K·D × H``) has a null space.
+
+    A hidden layer wider than ``K·D`` (more units than the residual Jacobian has entries)
+    leaves ``nd`` directions of the flip solve undetermined; the flips are binary, so we
+    enumerate the ``2^nd`` values of ``nd`` pivot units (chosen by pivoted QR of the null
+    basis), solve for the rest and keep the assignments that round cleanly. Exactly one
+    must: none or several raise (the signs are then not identifiable from these pieces).
+    """
+    from scipy.linalg import qr
+
+    h = m.shape[1]
+    if nd > 16:
+        raise UnsupportedVictimError(
+            f"sign recovery: the hidden layer ({h} units) is wider than the K·D = {m.shape[0]} "
+            f"equations of the sign solve, leaving {nd} binary unknowns undetermined (at most 16 "
+            "are searched): hidden layers much wider than the input are not supported yet"
+        )
+    _, _, vt = np.linalg.svd(m)
+    null = vt[h - nd :].T  # (H, nd)
+    _, _, piv = qr(null.T, pivoting=True)
+    pv = piv[:nd]
+    combos = ((np.arange(2**nd)[:, None] >> np.arange(nd)[None, :]) & 1).astype(float)  # (2^nd, nd)
+    y = np.linalg.solve(null[pv], (combos - c0[pv][None, :]).T)  # (nd, 2^nd)
+    cand = c0[:, None] + null @ y  # (H, 2^nd)
+    off = np.abs(cand - np.round(cand)).max(axis=0)
+    inside = ((cand > -0.5) & (cand < 1.5)).all(axis=0)
+    good = np.nonzero((off <= flip_tol) & inside)[0]
+    if len(good) != 1:
+        raise DirectExtractionError(
+            f"sign recovery: {h} units but only K·D = {m.shape[0]} independent equations in the sign "
+            f"solve; {len(good)} binary sign patterns fit the measured Jacobians (expected exactly "
+            "one): a unit was missed or found twice, or the signs are not identifiable"
+        )
+    return np.round(cand[:, good[0]]) > 0.5
+
+
+def _gauss_newton(
+    w0: np.ndarray,
+    b0: np.ndarray,
+    a1: np.ndarray,
+    b1: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    unit: float,
+    steps: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Joint least-squares refinement of ``(A⁰, B⁰, A¹, B¹)`` on answered points ``x, y``.
+
+    With the activation pattern ``m(x)`` fixed (points closer than ``1e-4·unit`` to a
+    hyperplane are left out: their pattern may be wrong), the network is bilinear in its
+    parameters; each Gauss-Newton step solves the linearised system (min-norm: the
+    per-unit scale symmetry is a null direction) and rows are renormalised to unit norm.
+    """
+    h, d = w0.shape
+    k = a1.shape[0]
+    for _ in range(steps):
+        z = x @ w0.T + b0
+        keep = (np.abs(z) > 1e-4 * unit).all(axis=1)
+        xs, zs = x[keep], z[keep]
+        m = (zs > 0).astype(float)
+        r = y[keep] - (np.maximum(zs, 0.0) @ a1.T + b1)
+        n = len(xs)
+        if n * k < h * (d + 1) + k * (h + 1):
+            break
+        jw = np.einsum("kj,nj,nd->nkjd", a1, m, xs).reshape(n * k, h * d)
+        jb = np.einsum("kj,nj->nkj", a1, m).reshape(n * k, h)
+        ja = np.zeros((n, k, k, h))
+        ja[:, np.arange(k), np.arange(k), :] = (m * zs)[:, None, :]
+        jc = np.broadcast_to(np.eye(k)[None], (n, k, k)).reshape(n * k, k)
+        jac = np.hstack([jw, jb, ja.reshape(n * k, k * h), jc])
+        delta, *_ = np.linalg.lstsq(jac, r.reshape(-1), rcond=None)
+        w0 = w0 + delta[: h * d].reshape(h, d)
+        b0 = b0 + delta[h * d : h * d + h]
+        a1 = a1 + delta[h * d + h : h * d + h + k * h].reshape(k, h)
+        b1 = b1 + delta[h * d + h + k * h :]
+        norm = np.linalg.norm(w0, axis=1)
+        w0, b0, a1 = w0 / norm[:, None], b0 / norm, a1 * norm[None, :]
+    return w0, b0, a1, b1
+
+
+def _jac_err(vals: np.ndarray, steps: np.ndarray, prec: Precision) -> np.ndarray:
+    """Estimated error of each piece's finite-difference Jacobian entries: two answers'
+    noise over the shortest step of the piece."""
+    return 2.0 * prec.noise * (1.0 + np.abs(vals).max(axis=1)) / steps.min(axis=1)
