@@ -426,3 +426,15 @@ def test_incomplete_queries_over_http(tmp_path: Path) -> None:
     plain = ServedAPI(VictimOracle(tree, mode="leaf", features=schema), name="tree")
     with pytest.raises(InputError, match="NaN"):
         plain.query("thief", torch.full((1, 13), float("nan")))  # without the option, NaN is refused
+
+
+def test_line_search_spends_its_budget_when_every_answer_is_one_class() -> None:
+    """No segment to search (a constant victim): the rest of the budget goes to the query source."""
+    schema = TabularSchema((Feature("a", "numeric", 0.0, 1.0), Feature("b", "numeric", 0.0, 1.0)))
+
+    def constant(x: np.ndarray) -> np.ndarray:
+        return np.tile([1.0, 0.0], (len(x), 1))
+
+    oracle = VictimOracle(constant, input_shape=(2,), num_classes=2, mode="label", features=schema)
+    result = create_attack("tabular", strategy="line_search", model="forest")(oracle, None, 60, seed=0)
+    assert result.queries == oracle.ledger.count == 60

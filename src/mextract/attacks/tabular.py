@@ -28,7 +28,8 @@ How the budget is spent (``strategy``), after Tramèr et al.'s three retraining 
   towards the victim's decision boundary (Lowd & Meek, KDD 2005, as used by Tramèr et
   al.): between two answered rows the victim labels differently, each bisection step
   queries the midpoint (made a valid row) and keeps the half whose ends still disagree;
-  every probe, answered, is training data.
+  every probe, answered, is training data. If every answer is one class (no segment to
+  search), the rest of the budget goes to the query source.
 
 Inputs of any shape are rows of ``prod(input_shape)`` values to the synthesis (an image API's
 pixels are numeric features within its value range); the MLP family is the run's substitute
@@ -224,7 +225,7 @@ class TabularExtraction(Attack):
                     asked[idx[pick]] = True
                 x, y = torch.cat([x, new]), torch.cat([y, query_pool(ctx, new)])
         elif self.strategy == "line_search":
-            x, y = self._line_search(ctx, schema, x, y)
+            x, y = self._line_search(ctx, schema, x, y, asked)
         if self.model == "auto":
             family = self._choose(ctx, x, y, soft)
         ctx.metrics[f"substitute_{family}"] = 1.0
@@ -233,7 +234,12 @@ class TabularExtraction(Attack):
         return model
 
     def _line_search(
-        self, ctx: AttackContext, schema: TabularSchema | None, x: torch.Tensor, y: torch.Tensor
+        self,
+        ctx: AttackContext,
+        schema: TabularSchema | None,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        asked: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [x], [y]
         labels = y.argmax(1)
@@ -257,6 +263,11 @@ class TabularExtraction(Attack):
                 else:
                     b = mid
             ctx.emit(stage="query", done=ctx.spent, total=ctx.budget)
+        if ctx.remaining > 0:  # every answer so far is one class: no segment to search, so spend
+            rest, _ = self._draw(ctx, schema, ctx.remaining, asked)  # the rest
+            if len(rest):
+                xs.append(rest)
+                ys.append(query_pool(ctx, rest))
         return torch.cat(xs), torch.cat(ys)
 
     # ------------------------------------------------------------------ substitutes
