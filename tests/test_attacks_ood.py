@@ -9,7 +9,7 @@ from helpers import Counting
 from mextract.attacks.base import AttackContext, BudgetWarning
 from mextract.attacks.datafree import DataFreeExtraction, DFMEGenerator, victim_logits
 from mextract.attacks.knockoff import KnockoffNets
-from mextract.data.transfer import conform_images, kmeans, load_pool, natural_patches
+from mextract.data.transfer import conform_images, font_glyphs, kmeans, load_pool, natural_patches
 from mextract.errors import DataError, InputError, UnknownNameError
 from mextract.metrics import Evaluator
 from mextract.models import create_model
@@ -96,6 +96,23 @@ def test_natural_patches_are_seeded_images_with_photo_cluster_classes() -> None:
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)  # type: ignore[arg-type]
     assert not torch.equal(a.x, natural_patches((1, 28, 28), size=300, seed=1).x)
     assert load_pool("natural_patches", (3, 32, 32), size=20).x.shape == (20, 3, 32, 32)
+
+
+def test_font_glyphs_are_seeded_letters_and_symbols_without_digits() -> None:
+    a = font_glyphs((1, 28, 28), size=400, seed=0)
+    assert a.x.shape == (400, 1, 28, 28) and float(a.x.min()) >= 0 and float(a.x.max()) <= 1
+    assert not any(c.isdigit() for c in a.classes) and {"A", "z", "&"} <= set(a.classes)
+    assert a.y is not None and len(torch.unique(a.y)) > 40  # the glyph is the class
+    corners = a.x[:, 0, 0, 0]
+    assert (corners < 0.2).sum() > 100 and (corners > 0.8).sum() > 100  # both polarities
+    ink = (a.x - corners.view(-1, 1, 1, 1)).abs().flatten(1).mean(1)
+    assert float(ink.min()) > 0.002  # every image holds a glyph (a "-" is thin), none is blank
+    b = load_pool("font_glyphs", (1, 28, 28), size=400, seed=0)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)  # type: ignore[arg-type]
+    assert not torch.equal(a.x, font_glyphs((1, 28, 28), size=400, seed=1).x)
+    assert load_pool("font_glyphs", (3, 32, 32), size=10).x.shape == (10, 3, 32, 32)
+    with pytest.raises(InputError, match="image input shape"):
+        load_pool("font_glyphs", (30,))
 
 
 def test_kmeans_recovers_separated_blobs() -> None:

@@ -385,7 +385,7 @@ def attack(
     substitute: Annotated[str | None, typer.Option(help="Substitute architecture.")] = None,
     pool_data: Annotated[Path | None, _existing("Attacker pool: .npz or image folder.")] = None,
     pool_dataset: Annotated[
-        str | None, typer.Option(help="Out-of-domain pool: a dataset name or natural_patches.")
+        str | None, typer.Option(help="Out-of-domain pool: a dataset name, natural_patches or font_glyphs.")
     ] = None,
     test_data: Annotated[Path | None, _existing("Test set: .npz or image folder.")] = None,
     data_root: DataRoot = None,

@@ -9,6 +9,9 @@ no download:
   MNIST victim, ``mnist`` downscaled to 8×8 for a digits victim, ``cifar10`` from the
   user's copy), with its **own** labels and class names kept — the adaptive Knockoff
   policy samples by pool-side class and never needs the victim-side truth;
+* ``font_glyphs``: letters and symbols — never a digit — rendered from the DejaVu fonts
+  that ship with matplotlib, in random fonts, sizes, rotations, positions and both
+  polarities; each glyph's class is its character;
 * ``natural_patches``: random square crops of the two photographs that ship with
   scikit-learn (:func:`sklearn.datasets.load_sample_images`, "china" and "flower").
   Each patch's class is ``<photo>/c<j>``, the photo it came from and its k-means
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +48,14 @@ NATURAL_PATCHES_SIZE = 5000
 PATCH_SIDE_RANGE = (24, 160)
 #: k-means clusters per photo for the patch classes (2 photos × 5 = 10 pool classes).
 PATCH_CLUSTERS_PER_PHOTO = 5
+
+FONT_GLYPHS = "font_glyphs"
+#: enough for the 10,000-query budgets of the sources (rendering takes ~0.6 ms a glyph)
+FONT_GLYPHS_SIZE = 20000
+#: Latin letters and common symbols: no digit, so that a digit victim's pool holds none of its task
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz+-=<>#%&@$?!*/\\()[]{}~^|:;"
+#: the canvas glyphs are drawn on before conforming (an MNIST-like 28-pixel victim gets a 2.3× downscale)
+GLYPH_CANVAS = 64
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -202,11 +214,77 @@ def natural_patches(
     return Dataset(patches, labels, tuple(classes), NATURAL_PATCHES)
 
 
+def _font_files() -> list[Path]:
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise DataError(f"{FONT_GLYPHS}: needs matplotlib's fonts: {exc}") from exc
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    files = sorted(p for p in folder.glob("DejaVu*.ttf") if "Display" not in p.name)
+    if not files:
+        raise DataError(f"{FONT_GLYPHS}: no DejaVu fonts in {folder}")
+    return files
+
+
+def font_glyphs(
+    input_shape: Sequence[int],
+    *,
+    size: int = FONT_GLYPHS_SIZE,
+    seed: int = 0,
+    glyphs: str = GLYPHS,
+) -> Dataset:
+    """Letters and symbols rendered from matplotlib's DejaVu fonts, conformed to ``input_shape``.
+
+    Each image: a character of ``glyphs`` and one of the DejaVu fonts (sans, serif, mono;
+    regular, bold, oblique) drawn uniformly; a glyph height of 45–85% of the canvas; a
+    rotation in ±20°; a shift of up to 15% of the canvas; light strokes on a dark ground or
+    the reverse with probability 1/2 each (a pool that does not know the victim's
+    convention); then :func:`conform_images`. Its class is its character. Nothing is
+    downloaded: the fonts ship with matplotlib. The default glyphs hold no digit, so a digit
+    victim's pool holds nothing of its task (some letters resemble digits — O, l, S, Z, B —
+    as they would in any text an attacker finds).
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    shape = _image_shape(input_shape, FONT_GLYPHS)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"{FONT_GLYPHS}: size: expected a positive integer, got {size!r}")
+    chars = list(dict.fromkeys(glyphs))
+    if not chars:
+        raise InputError(f"{FONT_GLYPHS}: glyphs: expected at least one character")
+    files = _font_files()
+    g = torch.Generator().manual_seed(seed)
+    which = torch.randint(len(chars), (size,), generator=g).tolist()
+    fonts = torch.randint(len(files), (size,), generator=g).tolist()
+    heights = (0.45 + 0.40 * torch.rand(size, generator=g)).tolist()
+    angles = ((torch.rand(size, generator=g) - 0.5) * 40).tolist()
+    shifts = ((torch.rand(size, 2, generator=g) - 0.5) * 0.3 * GLYPH_CANVAS).tolist()
+    dark = (torch.rand(size, generator=g) < 0.5).tolist()
+    loaded: dict[tuple[int, int], Any] = {}
+    canvas = torch.empty(size, 1, GLYPH_CANVAS, GLYPH_CANVAS)
+    for i in range(size):
+        px = max(8, round(heights[i] * GLYPH_CANVAS))
+        key = (fonts[i], px)
+        if key not in loaded:
+            loaded[key] = ImageFont.truetype(str(files[fonts[i]]), px)
+        img = Image.new("L", (GLYPH_CANVAS, GLYPH_CANVAS), 0)
+        draw = ImageDraw.Draw(img)
+        centre = (GLYPH_CANVAS / 2 + shifts[i][0], GLYPH_CANVAS / 2 + shifts[i][1])
+        draw.text(centre, chars[which[i]], fill=255, font=loaded[key], anchor="mm")
+        img = img.rotate(angles[i], resample=Image.Resampling.BILINEAR)
+        t = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        canvas[i, 0] = t if dark[i] else 1.0 - t
+    x = conform_images(canvas, shape)
+    logger.info("font glyphs: %d images of %d characters in %d fonts, conformed to %s", size, len(chars),
+                len(files), shape)  # fmt: skip
+    return Dataset(x, torch.tensor(which, dtype=torch.long), tuple(chars), FONT_GLYPHS)
+
+
 def pool_names() -> tuple[str, ...]:
     """Every name :func:`load_pool` accepts."""
     from mextract.data.registry import DATASETS
 
-    return (*DATASETS, NATURAL_PATCHES)
+    return (*DATASETS, NATURAL_PATCHES, FONT_GLYPHS)
 
 
 def check_pool(name: str, input_shape: Sequence[int], root: str | Path | None = None) -> None:
@@ -216,7 +294,7 @@ def check_pool(name: str, input_shape: Sequence[int], root: str | Path | None = 
     from mextract.data.registry import dataset_info
 
     shape = tuple(int(s) for s in input_shape)
-    if name == NATURAL_PATCHES:
+    if name in (NATURAL_PATCHES, FONT_GLYPHS):
         _image_shape(shape, f"pool {name!r}")
         return
     if name not in pool_names():
@@ -244,11 +322,12 @@ def load_pool(
     Args:
         name: a dataset of :data:`mextract.data.DATASETS` (all of it: its victim-train,
             pool and test splits together, since none of it is the victim's), or
-            ``"natural_patches"``.
+            ``"natural_patches"`` or ``"font_glyphs"``.
         input_shape: the victim's input shape.
         seed: seeds the random subset (``size``) and the natural patches.
         size: keep this many samples (a seeded uniform subset without replacement; for
-            ``natural_patches`` the number of patches, 5,000 by default). ``None``: all.
+            ``natural_patches`` the number of patches, 5,000 by default; ``font_glyphs`` 20,000).
+            ``None``: all.
         root: data location for datasets that are not bundled (``cifar10``).
 
     Returns:
@@ -260,6 +339,8 @@ def load_pool(
     shape = tuple(int(s) for s in input_shape)
     if name == NATURAL_PATCHES:
         return natural_patches(shape, size=NATURAL_PATCHES_SIZE if size is None else size, seed=seed)
+    if name == FONT_GLYPHS:
+        return font_glyphs(shape, size=FONT_GLYPHS_SIZE if size is None else size, seed=seed)
     from mextract.data.registry import DATASETS, load_splits
 
     if name not in DATASETS:

@@ -200,8 +200,8 @@ def attack_run(
     so the pool is disjoint from the victim's training data, unless ``pool_data``/``test_data``
     replace them (checked against the value range declared in the checkpoint; ``scale``
     divides their values first). A victim trained on files only needs both. ``pool_dataset``
-    names an out-of-domain pool (a dataset name or ``natural_patches``) conformed to the
-    victim's input; its own labels go to attacks with a ``pool_labels`` field (adaptive
+    names an out-of-domain pool (a dataset name, ``natural_patches`` or ``font_glyphs``)
+    conformed to the victim's input; its own labels go to attacks with a ``pool_labels`` field (adaptive
     Knockoff). Any pool the user names is refused if it shares samples with the victim's
     training data or the test set.
 
