@@ -189,9 +189,7 @@ def _table_dataset(
     from mextract.data.tabular import table_spec
 
     spec = table_spec(data, target, categorical=categorical or (), ordinal=ordinal or (), drop=drop or ())
-    with warnings.catch_warnings():  # the file is read again for the run, which shows its warnings
-        warnings.simplefilter("ignore")
-        _check(ctx, "--data", dataset_info, spec)
+    _check(ctx, "--data", dataset_info, spec)  # reads the file, once for the whole command
     return spec
 
 
@@ -608,13 +606,11 @@ def _with_schema(ctx: typer.Context, api: Any, dataset: str, split_seed: int, da
     import dataclasses
 
     from mextract.data import load_splits
-    from mextract.data.tabular import TabularSchema
 
     if len(api.input_shape) != 1:
         return api
-    splits = _check(ctx, "--dataset", load_splits, dataset, seed=split_seed, root=data_root)
-    schema = splits.meta.get("schema")
-    return api if schema is None else dataclasses.replace(api, features=TabularSchema.from_json(schema))
+    schema = _check(ctx, "--dataset", load_splits, dataset, seed=split_seed, root=data_root).schema
+    return api if schema is None else dataclasses.replace(api, features=schema)
 
 
 def _check_dataset(ctx: typer.Context, dataset: str, data_root: Path | None, api: Any, who: str) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mextract.errors import DataError, InputError
+
+if TYPE_CHECKING:
+    from mextract.data.tabular import TabularSchema
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,14 @@ class Splits:
     pool: Dataset
     test: Dataset
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def schema(self) -> TabularSchema | None:
+        """A tabular split's record fields (``meta["schema"]``); ``None`` for images."""
+        from mextract.data.tabular import TabularSchema
+
+        data = self.meta.get("schema")
+        return None if data is None else TabularSchema.from_json(data)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -36,6 +36,7 @@ import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -427,6 +428,18 @@ def parse_table_spec(name: str) -> dict[str, Any]:
 
 
 def read_table_spec(name: str) -> Table:
+    """The table a spec names. A file read once per process while it is unchanged (same size and
+    modification time): checking a command line, splitting it and serving it read it once."""
+    opts = parse_table_spec(name)
+    try:
+        st = Path(opts["path"]).stat()
+    except OSError:
+        return _read_spec(name, -1, -1)  # read_table names the problem
+    return _read_spec(name, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _read_spec(name: str, size: int, mtime_ns: int) -> Table:
     opts = parse_table_spec(name)
     return read_table(
         opts["path"], opts["target"], categorical=opts.get("categorical", ()),

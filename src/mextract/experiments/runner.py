@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from mextract._utils import resolve_device, seeded
 from mextract.attacks import ATTACKS, AttackResult, create_attack
-from mextract.attacks.base import Callback
+from mextract.attacks.base import Attack, Callback
 from mextract.attacks.tabular import SklearnSubstitute
 from mextract.attacks.tree import ExtractedTreeModel
 from mextract.data import Dataset, ValueRange, check_disjoint, dataset_info, load_file, load_splits
@@ -286,31 +287,29 @@ def attack_run(
     if result.queries != oracle.ledger.count:  # the attack must report the ledger's count
         raise MextractError(f"internal error: {result.queries} reported, {oracle.ledger.count} answered")
     record = attack_record(result, config, seed, evaluator)
-    if out is not None and record_path is not None and isinstance(result.model, SklearnSubstitute):
-        result.model.save(Path(out) / f"substitute-{stem[len('attack-') :]}.skops")
-        record.save(record_path)
-    elif out is not None and record_path is not None and isinstance(result.model, ExtractedTreeModel):
-        tree = json.dumps(result.model.tree.to_json(), indent=1)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"tree-{stem[len('attack-') :]}.json").write_text(tree)
-        record.save(record_path)
-    elif out is not None and record_path is not None:
-        arch, arch_options = atk.model_spec(result.model) or (config["substitute"], {})
-        save_checkpoint(
-            Path(out) / f"substitute-{stem[len('attack-') :]}",
-            result.model,
-            {
-                "architecture": arch,
-                "options": arch_options,
-                "input_shape": list(desc.input_shape),
-                "num_classes": desc.num_classes,
-                "attack": attack,
-                "seed": seed,
-                "metrics": record.metrics,
-            },
-        )
+    if out is not None and record_path is not None:
+        _save_model(result.model, Path(out), stem[len("attack-") :], atk, config, desc, attack, seed, record)
         record.save(record_path)
     return record
+
+
+def _save_model(
+    model: nn.Module, out: Path, name: str, atk: Attack, config: dict[str, Any], desc: APIDescription,
+    attack: str, seed: int, record: Record,
+) -> None:
+    """The attack's model beside its record: a scikit-learn substitute with skops
+    (``substitute-<name>.skops``), an extracted tree as JSON (``tree-<name>.json``), any other
+    module as a checkpoint (``substitute-<name>/``)."""
+    if isinstance(model, SklearnSubstitute):
+        model.save(out / f"substitute-{name}.skops")
+    elif isinstance(model, ExtractedTreeModel):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"tree-{name}.json").write_text(json.dumps(model.tree.to_json(), indent=1))
+    else:
+        arch, arch_options = atk.model_spec(model) or (config["substitute"], {})
+        meta = {"architecture": arch, "options": arch_options, "input_shape": list(desc.input_shape),
+                "num_classes": desc.num_classes, "attack": attack, "seed": seed, "metrics": record.metrics}
+        save_checkpoint(out / f"substitute-{name}", model, meta)  # fmt: skip
 
 
 @dataclass
@@ -360,13 +359,15 @@ def _attacker_data(
     data_root: str | Path | None,
     scale: float | None,
     seed: int,
-) -> tuple[Dataset, Dataset]:
+) -> tuple[Dataset, Dataset, TabularSchema | None]:
     """The attacker's pool and test set for a victim the lab knows only by its inputs and
     classes (``like``: an empty dataset of its shape, classes and value range): the lab's
     split of ``dataset`` (its pool and test parts), or the user's files, or a named pool;
     a pool that shares samples with the test set is refused. ``what`` names the victim in
-    messages ("the API", a file name)."""
+    messages ("the API", a file name). Third: the record fields of the lab's tabular split,
+    which an API serving that data publishes."""
     shape = like.input_shape
+    features = None
     pool = None if pool_dataset is None else _named_pool(pool_dataset, shape, seed, data_root)
     if dataset is not None:
         splits = load_splits(dataset, seed=split_seed, root=data_root, pool_data=pool_data,
@@ -374,6 +375,7 @@ def _attacker_data(
         if splits.test.input_shape != shape:
             raise DataError(f"{dataset}: inputs of shape {splits.test.input_shape}, {what} takes {shape}")
         test, pool = splits.test, splits.pool if pool is None else pool
+        features = splits.schema
     else:
         if (pool_data is None and pool is None) or test_data is None:
             target = "a url" if what == "the API" else what
@@ -383,7 +385,7 @@ def _attacker_data(
         answers = "the API answers" if what == "the API" else f"{what} answers"
         raise DataError(f"the test set has {test.num_classes} classes, {answers} {like.num_classes}")
     check_disjoint(pool, {"the test set": test})
-    return pool, test
+    return pool, test, features
 
 
 def _within(inner: ValueRange, outer: ValueRange) -> bool:
@@ -412,16 +414,12 @@ def _file_target(
 ) -> _Target:
     model = load_external(path, **external)
     like = _external_template(model)
-    pool, test = _attacker_data(like, path.name, dataset, split_seed, pool_data, pool_dataset, test_data,
-                                data_root, scale, seed)  # fmt: skip
+    pool, test, features = _attacker_data(like, path.name, dataset, split_seed, pool_data, pool_dataset,
+                                          test_data, data_root, scale, seed)  # fmt: skip
     data_range = test.declared_range
     if not _within(data_range, model.value_range):
         raise DataError(f"the test set's values are declared in {data_range}, outside the range "
                         f"{model.value_range} that {path.name} takes (give its range)")  # fmt: skip
-    features = None
-    if dataset is not None and len(model.input_shape) == 1:  # a tabular split: its API lists its fields
-        schema = load_splits(dataset, seed=split_seed, root=data_root).meta.get("schema")
-        features = None if schema is None else TabularSchema.from_json(schema)
     oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals, dtype=dtype,
                           value_range=model.value_range, features=features, missing=missing)  # fmt: skip
     config = {**model.to_json(), "dataset": dataset}
@@ -520,8 +518,8 @@ def _remote_target(
     shape = oracle.input_shape
     like = Dataset(torch.empty(0, *shape), None, tuple(str(i) for i in range(oracle.num_classes)), "template",
                    oracle.value_range)  # fmt: skip
-    pool, test = _attacker_data(like, "the API", dataset, split_seed, pool_data, pool_dataset, test_data,
-                                data_root, scale, seed)  # fmt: skip
+    pool, test, _ = _attacker_data(like, "the API", dataset, split_seed, pool_data, pool_dataset, test_data,
+                                   data_root, scale, seed)  # the API publishes its own fields  # fmt: skip
 
     def evaluator() -> Evaluator:
         with RemoteOracle(url, client_id=f"{cid}-evaluator", api_key=evaluator_key, **stated) as judge:
@@ -585,10 +583,7 @@ def served_api(
             raise InputError("proof of work prices queries on the owner's training data: a model file "
                              "brings none (serve a checkpoint)")  # fmt: skip
         model = load_external(victim, **external)
-        features = None
-        if dataset is not None:
-            schema = load_splits(dataset, seed=split_seed, root=data_root).meta.get("schema")
-            features = None if schema is None else TabularSchema.from_json(schema)
+        features = None if dataset is None else load_splits(dataset, seed=split_seed, root=data_root).schema
         oracle = VictimOracle(model, mode=AnswerMode.parse(mode), k=k, decimals=decimals,
                               dtype=dtypes[precision], value_range=model.value_range, features=features,
                               missing=missing)  # fmt: skip
