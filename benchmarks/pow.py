@@ -116,7 +116,8 @@ ADAPTIVE_OPTIONS: dict[str, dict[str, Any]] = {
     "active": {"rounds": 4, "round_epochs": 2, "train": {"epochs": 2}},
     "marich": {"rounds": 4, "round_epochs": 2, "train": {"epochs": 2}},
     "active_hard": {"rounds": 4, "round_epochs": 2, "train": {"epochs": 2}},
-    "dfme": {"batch_size": 64},  # 448 queries per iteration (256: 1,792, more than the budget)
+    # 448 queries per iteration at batch 64; two iterations fit the budget (DFME's own floor is 5)
+    "dfme": {"batch_size": 64, "min_iterations": 2},
 }
 
 

@@ -250,15 +250,16 @@ def test_dfme_gradient_estimate_points_along_the_true_gradient(digits_victim) ->
 
 
 def test_dfme_accounts_every_query_and_beats_an_untrained_substitute(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
-    """Paper defaults except a small batch (32), a narrow generator (ngf 16) and no
-    learning-rate decay, so that a budget of 10k (44 iterations) shows learning on the
-    tiny 8×8 victim (measured near 8k: 0.40-0.51 fidelity for seeds 0-2; untrained: 0.11)."""
+    """The lab's defaults except a batch of 32, a narrow generator (ngf 16), no learning-rate
+    decay and no final phase (the online student is scored, as in the paper), so that a
+    budget of 10k (44 iterations) shows learning on the tiny 8×8 victim (measured: 0.29-0.47
+    fidelity for seeds 0-2; untrained: 0.11). ``tests/test_datafree.py`` covers the final phase."""
     ev = Evaluator.from_victim(digits_victim, digits_splits.test)
     torch.manual_seed(0)
     untrained = ev.evaluate(create_model("cnn", (1, 8, 8), 10))["fidelity"]
     victim = Counting(digits_victim)
     oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="probs")
-    attack = DataFreeExtraction(batch_size=32, ngf=16, lr_steps=(), evaluations=2)
+    attack = DataFreeExtraction(batch_size=32, ngf=16, lr_steps=(), evaluations=2, retrain=False)
     cost = 32 * 2 + 32 * 5
     assert attack.queries_per_iteration == cost
     budget = 10_000
@@ -272,7 +273,7 @@ def test_dfme_accounts_every_query_and_beats_an_untrained_substitute(digits_spli
     [
         ("label", {}, 10_000, "expected 'logits' or 'probs', got 'label'"),
         ("topk", {}, 10_000, "got 'topk'"),
-        ("probs", {}, 1000, "budget: expected at least 1792 queries"),
+        ("probs", {}, 2000, "budget: expected at least 2240 queries"),
         ("probs", {"batch_size": 1}, 10_000, "batch_size: expected at least 2"),
         ("probs", {"directions": 0}, 10_000, "directions: expected a positive integer"),
         ("probs", {"epsilon": 0.0}, 10_000, "epsilon: expected a positive number"),

@@ -148,6 +148,12 @@ BAD_VALUES = [
     # report, demo, direct
     (["report", "{tmp}/nowhere"], "'run'", "does not exist"),
     (["report", "{tmp}"], "'run'", "no mextract records"),
+    # reproduce
+    (["reproduce", "imagenet"], "'EXPERIMENT'", "unknown experiment 'imagenet'"),
+    (["reproduce", "cifar10", "--out", "{out}", "--scale", "huge"], "--scale", "unknown scale 'huge'"),
+    (["reproduce", "cifar10", "--out", "{out}", "--time-limit", "soon"], "--time-limit", "9m"),
+    (["reproduce", "cifar10", "--out", "{out}", "--data-root", "{tmp}/no"], "--data-root", "no such path"),
+    (["reproduce", "cifar10", "--out", "{file}", "--data-root", "{tmp}"], "--out", "is a file"),
     (["demo", "--out", "{file}"], "--out", "is a file"),
     (["demo", "--out", "{out}", "--device", "cuda:x"], "--device", "cuda:x"),
     (["direct", "run", "--victim-kind", "relu3"], "--victim-kind", "relu3"),

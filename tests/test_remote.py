@@ -45,6 +45,8 @@ LEARNING: dict[str, tuple[str, dict[str, Any], int]] = {
     "knockoff": ("probs", {"train": TINY}, 150),
     "dfme": ("logits", {"batch_size": 16, "latent_dim": 16, "ngf": 8, "n_substitute": 1, "evaluations": 2},
              400),
+    "dfme_hard": ("label", {"batch_size": 16, "latent_dim": 16, "ngf": 8, "n_substitute": 1, "evaluations": 2,
+                            "train": TINY}, 400),
 }
 
 

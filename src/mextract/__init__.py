@@ -1,3 +1,3 @@
 """mextract: a lab for model extraction attacks and defences."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -4,6 +4,12 @@ One loop, :func:`fit`: mini-batch SGD with Nesterov momentum and a one-cycle lea
 rate (Smith & Topin 2017), the sources' victim recipe, or Adam; targets may be class
 indices or probability vectors, and the loss is the caller's. Shuffling, augmentation
 and dropout all draw from the caller's seed.
+
+On a GPU (:func:`placement`) the loop keeps the data resident on the device when it fits
+in half the free memory (no copy per batch), augments whole batches there, runs the forward
+pass and the loss under bf16 autocast (weights and optimiser stay float32), and stores
+images channels-last, which is what tensor cores want. On a CPU nothing of this applies:
+the same loop, float32, batches moved as they are used.
 """
 
 from __future__ import annotations
@@ -73,6 +79,26 @@ def _optimizer(
     return opt, sched
 
 
+@dataclass(frozen=True)
+class Placement:
+    """How :func:`fit` uses a device: data resident on it, bf16 autocast, channels-last."""
+
+    device: torch.device
+    resident: bool
+    autocast: bool
+    channels_last: bool
+
+
+def placement(device: torch.device, x: torch.Tensor, targets: torch.Tensor) -> Placement:
+    """The accelerator choices for training on ``device``: only CUDA gets them. The data is
+    resident when it takes at most half the device's free memory; channels-last for images."""
+    if device.type != "cuda":
+        return Placement(device, resident=False, autocast=False, channels_last=False)
+    free, _ = torch.cuda.mem_get_info(device)
+    size = x.element_size() * x.numel() + targets.element_size() * targets.numel()
+    return Placement(device, resident=size <= free // 2, autocast=True, channels_last=x.dim() == 4)
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -103,7 +129,12 @@ def fit(
     if (loss_fn is None) == (batch_loss is None):
         raise InputError("give exactly one of loss_fn and batch_loss")
     dev = resolve_device(device)
+    place = placement(dev, x, targets)
     model.to(dev)
+    if place.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if place.resident:  # one copy for the whole run; batches are gathered on the device
+        x, targets = x.to(dev), targets.to(dev)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(x) // config.batch_size)
     opt, sched = _optimizer(model, config, config.epochs * steps_per_epoch)
@@ -115,15 +146,19 @@ def fit(
                 idx = order[i : i + config.batch_size]
                 if len(idx) < 2 and len(x) >= 2:  # batch norm cannot train on one sample
                     continue
+                idx = idx.to(x.device)
                 xb = x[idx]
                 if transform is not None:
                     xb = transform(xb, gen)
                 xb, tb = xb.to(dev), targets[idx].to(dev)
-                if batch_loss is not None:
-                    loss = batch_loss(model, xb, tb)
-                else:
-                    assert loss_fn is not None  # exactly one of the two, checked above
-                    loss = loss_fn(model(xb), tb)
+                if place.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=place.autocast):
+                    if batch_loss is not None:
+                        loss = batch_loss(model, xb, tb)
+                    else:
+                        assert loss_fn is not None  # exactly one of the two, checked above
+                        loss = loss_fn(model(xb), tb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -132,6 +167,8 @@ def fit(
             model.eval()
             if on_epoch is not None:
                 on_epoch(epoch, model)
+    if place.channels_last:  # contiguous weights again: safetensors and callers expect them
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return model.eval()
 
 

@@ -10,6 +10,7 @@ from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich
 from mextract.attacks.base import Attack
 from mextract.attacks.baselines import HardLabel, KnockoffDistillation
 from mextract.attacks.datafree import DataFreeExtraction
+from mextract.attacks.datafree_hard import DataFreeHardLabel
 from mextract.attacks.direct import EquationSolving, ReLU2Cryptanalysis, ReLUCryptanalysis
 from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup
 from mextract.attacks.knockoff import KnockoffNets
@@ -35,6 +36,7 @@ ATTACKS: dict[str, type[Attack]] = {
     ActiveHard.name: ActiveHard,
     KnockoffNets.name: KnockoffNets,
     DataFreeExtraction.name: DataFreeExtraction,
+    DataFreeHardLabel.name: DataFreeHardLabel,
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
     ReLU2Cryptanalysis.name: ReLU2Cryptanalysis,

@@ -1030,6 +1030,83 @@ def matrix(
 
 
 @app.command()
+def reproduce(
+    ctx: typer.Context,
+    experiment: Annotated[str, typer.Argument(help="The sources' experiment to reproduce: cifar10.")],
+    scale: Annotated[
+        str, typer.Option(help="full (the sources' sizes, a GPU), small (CPU, < 20 min), tiny (smoke test).")
+    ] = "small",
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MEXTRACT_CIFAR10",
+            help="Your CIFAR-10: a cifar-10-batches-py folder, an image folder (train/, test/) or its tar.",
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/cifar10-SCALE).")] = None,
+    time_limit: Annotated[
+        str | None,
+        typer.Option(help="Start no cell that would end after this (e.g. 9m, 600s); rerun to continue."),
+    ] = None,
+    dawn: Annotated[bool, typer.Option(help="The lab's rows: DAWN on top of honey labels (stage 3).")] = True,
+    device: Device = "auto",
+    threads: Threads = None,
+    fresh: Fresh = False,
+    jobs: Annotated[int, typer.Option(min=1, help="Cells run at once, in processes (one thread each).")] = 1,
+    backend: Annotated[str, typer.Option(help="'local' or 'ray' (the [ray] extra).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
+) -> None:
+    """The sources' CIFAR-10 experiment, stages 0-3, with their figures beside the lab's (resumable)."""
+    from mextract.cli.audit import check_backend
+    from mextract.cli.progress import ProgressBars
+    from mextract.experiments.reproduce import (
+        check_time_limit,
+        reproduction_tables,
+        run_reproduction,
+        scale_of,
+    )
+
+    if experiment != "cifar10":
+        from mextract.errors import UnknownNameError
+
+        raise typer.BadParameter(str(UnknownNameError("experiment", experiment, ["cifar10"])), ctx=ctx,
+                                 param_hint="'EXPERIMENT'")  # fmt: skip
+    _check(ctx, "--scale", scale_of, scale)
+    limit = None if time_limit is None else _check(ctx, "--time-limit", check_time_limit, time_limit)
+    out = out or Path(f"runs/cifar10-{scale}")
+    _check_out(ctx, "--out", out)
+    from mextract.data import dataset_info
+
+    _check(ctx, "--data-root", dataset_info, "cifar10", data_root)
+    check_backend(ctx, backend, address)
+    _runtime(ctx, device, threads)
+    if jobs > 1 or backend == "ray":
+        where = "Ray tasks" if backend == "ray" else f"{jobs} worker processes"
+        console.print(f"cells run as {where}, {threads or 1} torch thread(s) each", style="dim", markup=False)
+    import torch
+
+    with ProgressBars(console) as bars:
+        result = run_reproduction(out, scale=scale, data_root=data_root, time_limit=limit, jobs=jobs,
+                                  threads=torch.get_num_threads() if jobs == 1 else threads or 1,
+                                  backend="ray" if backend == "ray" else "local", address=address,
+                                  device=None if device == "auto" else device, callback=bars,
+                                  resume=not fresh, dawn=dawn)  # fmt: skip
+    tables = reproduction_tables(result.records, scale)
+    (out / "tables.md").write_text(tables)
+    typer.echo(tables)
+    console.print(f"{result.ran} cells run, {result.reused} reused, in {result.wall_s / 60:.1f} min; "
+                  f"records and tables.md are in {out}/", markup=False)  # fmt: skip
+    if result.left:
+        console.print(f"stopped before the time limit: {len(result.left)} cells left; rerun the same command "
+                      "(with the same --out) to continue", markup=False)  # fmt: skip
+    if result.failed:
+        from mextract.experiments.backends import failures_message
+
+        console.print(failures_message(result), style="red", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(
     ctx: typer.Context,
     run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="A run folder holding records.")],
@@ -1045,8 +1122,13 @@ def report(
     if not any(r.kind != "plan" for r in records):
         raise typer.BadParameter(
             f"{run} holds no mextract records (expected a run folder of `mextract demo`, "
-            "`train-victim`, `attack`, `matrix` or `audit`)", ctx=ctx, param_hint="'run'",
+            "`train-victim`, `attack`, `matrix`, `audit` or `reproduce`)", ctx=ctx, param_hint="'run'",
         )  # fmt: skip
+    from mextract.experiments.reproduce import is_reproduction, reproduction_tables
+
+    if is_reproduction(records):  # `mextract reproduce cifar10`
+        typer.echo(reproduction_tables(records))
+        return
     audit_run = any(r.kind == "cell" and r.config.get("cell", {}).get("thief") for r in records)
     if audit_run or html:
         from mextract.cli.audit import write_audit_report

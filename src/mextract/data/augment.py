@@ -49,11 +49,12 @@ def trivial_augment_wide(x: torch.Tensor, generator: torch.Generator) -> torch.T
     Geometric ops fill uncovered pixels with 0, as torchvision does by default.
     """
     n, _, h, w = x.shape
+    # every random draw on the CPU generator (the same draws on every device), then moved
     op = torch.randint(len(_OPS), (n,), generator=generator)
     mag = torch.randint(_BINS, (n,), generator=generator).float() / (_BINS - 1)
     sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
     out = x.clone()
-    opn = {name: op == i for i, name in enumerate(_OPS)}
+    opn = {name: op == i for i, name in enumerate(_OPS)}  # CPU masks: the affine parameters
 
     # geometric ops: one affine grid for the batch (identity rows for everything else)
     theta = torch.eye(2, 3).repeat(n, 1, 1)
@@ -70,7 +71,12 @@ def trivial_augment_wide(x: torch.Tensor, generator: torch.Generator) -> torch.T
     geo = opn["shear_x"] | opn["shear_y"] | opn["translate_x"] | opn["translate_y"] | rot
     if geo.any():
         grid = F.affine_grid(theta[geo].to(x), [int(geo.sum()), *x.shape[1:]], align_corners=False)
-        out[geo] = F.grid_sample(x[geo], grid, padding_mode="zeros", align_corners=False)
+        g = geo.to(x.device)
+        out[g] = F.grid_sample(x[g], grid, padding_mode="zeros", align_corners=False)
+
+    # the pixel ops on the images' device
+    mag, sign = mag.to(x.device), sign.to(x.device)
+    opn = {name: mask.to(x.device) for name, mask in opn.items()}
 
     factor = 1.0 + 0.99 * mag * sign
     if (m := opn["brightness"]).any():

@@ -18,12 +18,17 @@ wine            scikit-learn (178 × 13)           (13,)            71 / 71 / 36
 iris            scikit-learn (150 × 4)            (4,)             60 / 60 / 30
 =============== ================================= ================ ======================
 
+A named dataset may be cut to a class-stratified subset, e.g. ``cifar10:{"train": 6000,
+"test": 2000}`` (:func:`subset_spec`): a smaller copy of the same task for a quick run on a
+CPU, usable wherever a dataset name is (a plan, a checkpoint's metadata).
+
 Tabular features are standardised with the victim-train split's mean and standard
 deviation (the owner's preprocessing); images are scaled to [0, 1].
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -133,6 +138,67 @@ def _table(name: str) -> _Raw:
     return _Raw(table.x, table.y, table.classes, schema=table.schema, numeric_columns=table.numeric_columns)
 
 
+SUBSET_KEYS = ("train", "test")
+
+
+def subset_spec(name: str, *, train: int | None = None, test: int | None = None) -> str:
+    """The name of a class-stratified subset of the named dataset ``name``:
+    ``name:{"train": n, "test": m}`` keeps ``n`` training examples (before the victim/pool
+    split) and ``m`` test examples; either may be left out (all of them)."""
+    opts = {k: v for k, v in (("train", train), ("test", test)) if v is not None}
+    spec = name if not opts else f"{name}:{json.dumps(opts, sort_keys=True, separators=(',', ':'))}"
+    parse_subset_spec(spec)  # the check
+    return spec
+
+
+def parse_subset_spec(name: str) -> tuple[str, dict[str, int]]:
+    """``"cifar10"`` → ``("cifar10", {})``; ``'cifar10:{"train": 6000}'`` → ``("cifar10", {"train": 6000})``,
+    checked (a known dataset, known keys, positive integers)."""
+    base, sep, rest = name.partition(":")
+    if base not in _LOADERS:
+        raise UnknownNameError("dataset", base if sep else name, DATASETS)
+    if not sep:
+        return base, {}
+    try:
+        opts = json.loads(rest)
+    except json.JSONDecodeError as exc:
+        raise InputError(f'dataset {name!r}: expected {base}:{{"train": N, "test": M}} ({exc})') from exc
+    if not isinstance(opts, dict) or not opts:
+        raise InputError(f'dataset {name!r}: expected {base}:{{"train": N, "test": M}}')
+    unknown = sorted(set(opts) - set(SUBSET_KEYS))
+    if unknown:
+        raise InputError(f"dataset {name!r}: unknown subset options {unknown}; expected {list(SUBSET_KEYS)}")
+    for key, value in opts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"dataset {name!r}: {key}: expected a positive integer, got {value!r}")
+    return base, opts
+
+
+def _stratified(x: np.ndarray, y: np.ndarray, n: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if n > len(y):
+        raise DataError(f"{what}: asked for {n:,} examples, the data has {len(y):,}")
+    if n == len(y):
+        return x, y
+    if n < len(np.unique(y)):
+        raise InputError(f"{what}: {n} examples cannot hold one of each of {len(np.unique(y))} classes")
+    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y, random_state=seed)
+    keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+def _subset(raw: _Raw, opts: dict[str, int], name: str) -> _Raw:
+    """A class-stratified subset (always drawn with seed 0: the same data for every split seed)."""
+    x, y = raw.x, raw.y
+    if "train" in opts:
+        x, y = _stratified(x, y, opts["train"], 0, f"{name}: train")
+    test = raw.test
+    if "test" in opts:
+        if test is None:
+            raise InputError(f"{name}: no test set of its own to cut (it is held out from 'train')")
+        test = _stratified(test[0], test[1], opts["test"], 0, f"{name}: test")
+    return _Raw(x, y, raw.classes, test, raw.schema, raw.numeric_columns)
+
+
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     """Check a dataset name (and, for data that is not bundled, that a location is given and
     exists) without loading anything; returns its input shape and number of classes.
@@ -141,8 +207,8 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     if is_table_spec(name):
         table = read_table_spec(name)
         return DatasetInfo(name, (table.x.shape[1],), len(table.classes))
-    if name not in _INFO:
-        raise UnknownNameError("dataset", name, DATASETS)
+    full = name
+    name, _ = parse_subset_spec(name)
     if name == "cifar10":
         where = root or os.environ.get(CIFAR10_ENV)
         if not where:
@@ -155,7 +221,8 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
                 f"{where}: no such path (expected a cifar-10-batches-py folder, an image folder with "
                 "train/<class>/ and test/<class>/, or a .tar/.tar.gz of one)"
             )
-    return _INFO[name]
+    base = _INFO[name]
+    return base if full == name else DatasetInfo(full, base.input_shape, base.num_classes)
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -182,7 +249,8 @@ def load_splits(
     """Load a named dataset and split it, optionally replacing any split by the user's file.
 
     Args:
-        name: a name from :data:`DATASETS`, or ``None`` when all three splits are files.
+        name: a name from :data:`DATASETS` (or a subset of one, :func:`subset_spec`), a table
+            spec, or ``None`` when all three splits are files.
         seed: seeds the split (recorded in ``meta``).
         root: data location for datasets that are not bundled (``cifar10``).
         victim_fraction: share of the training data that trains the victim; the rest is
@@ -210,10 +278,11 @@ def load_splits(
         )
     if is_table_spec(name):
         raw = _table(name)
-    elif name not in _LOADERS:
-        raise UnknownNameError("dataset", name, DATASETS)
     else:
-        raw = _LOADERS[name](root)
+        base, subset = parse_subset_spec(name)
+        raw = _LOADERS[base](root)
+        if subset:
+            raw = _subset(raw, subset, name)
     idx = np.arange(len(raw.y))
     if raw.test is None:
         idx, test_idx = train_test_split(idx, test_size=test_fraction, stratify=raw.y, random_state=seed)

@@ -222,7 +222,8 @@ def audit_plan(
     if missing:
         left_out.append(f"protections not chosen: {', '.join(missing)}")
     left_out += [
-        "a data-free thief with label-only answers: the catalogue has none yet",
+        "a data-free thief with label-only answers (dfme_hard is in the catalogue, not yet among "
+        "the audit's thieves)",
         f"protections are measured with one seed, against the in-domain thieves, at {top} queries; "
         "label-only thieves are not run again against protections that keep every top-1 label",
         f"budgets above {top} queries",

@@ -14,6 +14,11 @@ metrics on every backend (wall times, timestamps and host excepted): every rando
 a cell comes from its seed.
 
 Victims run first (every other cell needs its victim's weights digest), then the rest.
+
+``time_limit`` makes a run stop cleanly before a deadline, for short loans of a machine: a
+cell starts only while the time left exceeds the longest cell of its kind finished so far
+in this run (no cell is cut short: a record is whole or absent), and the cells left are
+listed in the result; a rerun in the same folder starts where this one stopped.
 """
 
 from __future__ import annotations
@@ -46,6 +51,31 @@ class PlanResult:
     reused: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell, error)
     wall_s: float = 0.0
+    left: list[str] = field(default_factory=list)  # cells not started before the time limit
+
+
+class _Gate:
+    """Whether a cell may still start before the deadline: the time left must exceed the
+    longest cell of its kind finished so far (nothing is known before the first one)."""
+
+    def __init__(self, time_limit: float | None, kind_of: Callable[[int], str]) -> None:
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.kind_of = kind_of
+        self.longest: dict[str, float] = {}
+        self.started: dict[int, float] = {}
+
+    def start(self, i: int) -> bool:
+        now = time.monotonic()
+        if self.deadline is not None and now + self.longest.get(self.kind_of(i), 0.0) >= self.deadline:
+            return False
+        self.started[i] = now
+        return True
+
+    def done(self, i: int) -> None:
+        t0 = self.started.pop(i, None)
+        if t0 is not None:
+            kind = self.kind_of(i)
+            self.longest[kind] = max(self.longest.get(kind, 0.0), time.monotonic() - t0)
 
 
 def _work(item: tuple[str, str, str, str | None]) -> dict[str, Any]:
@@ -67,6 +97,7 @@ Item = tuple[str, str, str, str | None]  # (spec JSON, run folder, victim digest
 #: called with a finished item's id and record data; returns the items that may now run
 FollowUp = Callable[[int, dict[str, Any]], list[tuple[int, Item]]]
 OnError = Callable[[int, BaseException], None]
+OnLeft = Callable[[int], None]
 
 
 def _serial(
@@ -75,10 +106,15 @@ def _serial(
     on_result: FollowUp,
     on_error: OnError,
     callback: Callback | None,
+    gate: _Gate,
+    on_left: OnLeft,
 ) -> None:
     queue = list(initial)
     while queue:
         i, item = queue.pop(0)
+        if not gate.start(i):
+            on_left(i)
+            continue
         for attempt in range(retries + 1):
             try:
                 spec = CellSpec.model_validate_json(item[0])
@@ -93,6 +129,7 @@ def _serial(
                 if attempt == retries:
                     on_error(i, exc)
                 continue
+            gate.done(i)
             queue += on_result(i, data)
             break
 
@@ -104,8 +141,12 @@ def _processes(
     retries: int,
     on_result: FollowUp,
     on_error: OnError,
+    gate: _Gate,
+    on_left: OnLeft,
 ) -> None:
-    """Worker processes; a cell's follow-ups (a victim's cells) start as soon as it is done."""
+    """Worker processes; a cell's follow-ups (a victim's cells) start as soon as it is done.
+    At most ``jobs`` cells are submitted at a time, so that each starts when a worker is free
+    (the time limit is checked then)."""
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
@@ -115,12 +156,20 @@ def _processes(
     ) as pool:
         pending: dict[Future[dict[str, Any]], tuple[int, Item]] = {}
         attempts: dict[int, int] = {}
+        backlog = list(initial)
 
         def submit(i: int, item: Item) -> None:
             pending[pool.submit(_work, item)] = (i, item)
 
-        for i, item in initial:
-            submit(i, item)
+        def fill() -> None:
+            while backlog and len(pending) < jobs:
+                i, item = backlog.pop(0)
+                if i in attempts or gate.start(i):  # a retry goes on regardless
+                    submit(i, item)
+                else:
+                    on_left(i)
+
+        fill()
         while pending:
             finished_now, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in finished_now:
@@ -136,10 +185,11 @@ def _processes(
                         on_error(i, exc)
                     else:
                         logger.warning("cell %d failed (attempt %d): %r; retrying", i, attempts[i], exc)
-                        submit(i, item)
+                        backlog.insert(0, (i, item))
                     continue
-                for j, follow in on_result(i, data):
-                    submit(j, follow)
+                gate.done(i)
+                backlog.extend(on_result(i, data))
+            fill()
 
 
 def _ray(
@@ -149,16 +199,26 @@ def _ray(
     retries: int,
     on_result: FollowUp,
     on_error: OnError,
+    gate: _Gate,
+    on_left: OnLeft,
 ) -> None:
     """Ray, in waves: the victims, then every cell they release (a cluster runs the cells of
-    all victims together)."""
+    all victims together). The time limit is checked as each wave starts."""
     from mextract.experiments.ray_backend import local_ray, ray_map
 
     def wave(cells: list[tuple[int, Item]]) -> list[tuple[int, Item]]:
+        kept = []
+        for i, item in cells:
+            if gate.start(i):
+                kept.append((i, item))
+            else:
+                on_left(i)
+        cells = kept
         ids = [i for i, _ in cells]
         follow: list[tuple[int, Item]] = []
 
         def done(j: int, data: dict[str, Any]) -> None:
+            gate.done(ids[j])
             follow.extend(on_result(ids[j], data))
 
         def failed(j: int, exc: BaseException) -> None:
@@ -195,8 +255,12 @@ def run_plan(
     device: str | None = None,
     callback: Callback | None = None,
     resume: bool = True,
+    time_limit: float | None = None,
 ) -> PlanResult:
     """Run every cell of ``plan`` that has no record yet in ``out``; return all its records.
+
+    ``time_limit`` (seconds): start no cell that would likely end after it (see the module's
+    docstring); the cells not started are ``PlanResult.left``.
 
     ``threads``: torch threads per cell, on every backend (``jobs=1`` sets them in this
     process for the run, and restores them after), so that every backend computes the same.
@@ -211,6 +275,8 @@ def run_plan(
         raise InputError(
             f"expected jobs >= 1, threads >= 1 and retries >= 0, got {jobs}, {threads} and {retries}"
         )
+    if time_limit is not None and not time_limit > 0:
+        raise InputError(f"time_limit: expected a positive number of seconds, got {time_limit!r}")
     out = Path(out)
     start = time.perf_counter()
     result = PlanResult(records=[])
@@ -258,6 +324,12 @@ def run_plan(
                 result.failed.append((work[j].label(), "its victim failed"))
                 tick(f"FAILED: {work[j].label()}")
 
+    def on_left(i: int) -> None:
+        result.left.append(work[i].label())
+        if work[i].kind == "victim":
+            result.left += [work[j].label() for j in dependents.get(work[i].victim.key(), [])]
+
+    gate = _Gate(time_limit, lambda i: work[i].kind)
     initial: list[tuple[int, Item]] = []
     for i, c in enumerate(work):
         if c.kind != "victim":
@@ -271,18 +343,18 @@ def run_plan(
             initial += release(i, old)
     if backend == "ray":
         if initial:
-            _ray(initial, address, threads, retries, on_result, on_error)
+            _ray(initial, address, threads, retries, on_result, on_error, gate, on_left)
     elif jobs == 1:
         import torch
 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)  # the same threads as a worker's, so the same numbers
         try:
-            _serial(initial, retries, on_result, on_error, callback)
+            _serial(initial, retries, on_result, on_error, callback, gate, on_left)
         finally:
             torch.set_num_threads(before)
     elif initial:
-        _processes(initial, jobs, threads, retries, on_result, on_error)
+        _processes(initial, jobs, threads, retries, on_result, on_error, gate, on_left)
     result.records = [got[i] for i in sorted(got)]
     result.wall_s = time.perf_counter() - start
     return result

@@ -353,7 +353,7 @@ def _steal(
             attacked,
             None if pool is None else pool.unlabeled(),
             spec.budget,
-            substitute=v.meta["architecture"],
+            substitute=spec.substitute or v.meta["architecture"],
             evaluator=evaluator,
             seed=spec.seed,
             device=device,
@@ -468,6 +468,7 @@ def run_cell(
                 "pool": spec.pool,
                 "answers": spec.answers,
                 "budget": spec.budget,
+                "substitute": spec.substitute or v.meta["architecture"],
             }
         )
     record = Record(

@@ -80,7 +80,9 @@ class CellSpec(BaseModel):
       defended API, with ``budget`` queries and ``seed``; then ``measures`` of the stolen copy.
 
     ``answers="label"`` puts ``label_only`` on top of the defence: the thief sees top-1
-    labels only. ``data`` and ``pool`` say what data the thief has: the lab's in-domain pool
+    labels only. ``substitute`` is the thief's architecture (default: the victim's, the
+    lab's usual assumption; the sources' CIFAR-10 thieves are ``vgg11``).
+    ``data`` and ``pool`` say what data the thief has: the lab's in-domain pool
     (disjoint from the victim's data and the test set), an out-of-domain pool named by
     ``pool``, or none (data-free attacks).
     """
@@ -94,6 +96,7 @@ class CellSpec(BaseModel):
     detect: bool = False
     attack: str | None = None
     thief: str | None = None
+    substitute: str | None = None
     data: DataKind = "in-domain"
     pool: str | None = None
     answers: Answers = "soft"
@@ -107,6 +110,10 @@ class CellSpec(BaseModel):
                 raise InputError("a thief's cell needs an attack spec")
             if self.budget < 1:
                 raise InputError(f"budget: expected a positive number of queries, got {self.budget}")
+            if self.substitute is not None:
+                from mextract.models import check_model_name
+
+                check_model_name(self.substitute)
             if (self.data == "out-of-domain") != (self.pool is not None):
                 raise InputError("an out-of-domain thief names its pool, and only it does")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ def train_victim_run(
             callback({"stage": "victim", "done": epoch, "total": epochs})
 
     train_data = splits.victim_train
+    started = time.perf_counter()
     trigger = None
     if trigger_target is not None:
         from mextract.defences.ownership import TriggerWatermark, watermark_training_set
@@ -137,8 +139,9 @@ def train_victim_run(
     else:
         adversarial_training(net, train_data, recipe, attack=adversarial, seed=seed, device=device,
                              on_epoch=on_epoch)  # fmt: skip
+    wall = time.perf_counter() - started
     acc = accuracy(net, splits.test)
-    metrics = {"test_accuracy": acc}
+    metrics = {"test_accuracy": acc, "wall_time_s": wall}
     if trigger is not None and splits.test.y is not None:
         metrics["trigger_wsr"] = trigger.wsr(net, splits.test.x, splits.test.y)
     meta = {
@@ -294,8 +297,15 @@ def attack_run(
 
 
 def _save_model(
-    model: nn.Module, out: Path, name: str, atk: Attack, config: dict[str, Any], desc: APIDescription,
-    attack: str, seed: int, record: Record,
+    model: nn.Module,
+    out: Path,
+    name: str,
+    atk: Attack,
+    config: dict[str, Any],
+    desc: APIDescription,
+    attack: str,
+    seed: int,
+    record: Record,
 ) -> None:
     """The attack's model beside its record: a scikit-learn substitute with skops
     (``substitute-<name>.skops``), an extracted tree as JSON (``tree-<name>.json``), any other
@@ -307,8 +317,15 @@ def _save_model(
         (out / f"tree-{name}.json").write_text(json.dumps(model.tree.to_json(), indent=1))
     else:
         arch, arch_options = atk.model_spec(model) or (config["substitute"], {})
-        meta = {"architecture": arch, "options": arch_options, "input_shape": list(desc.input_shape),
-                "num_classes": desc.num_classes, "attack": attack, "seed": seed, "metrics": record.metrics}
+        meta = {
+            "architecture": arch,
+            "options": arch_options,
+            "input_shape": list(desc.input_shape),
+            "num_classes": desc.num_classes,
+            "attack": attack,
+            "seed": seed,
+            "metrics": record.metrics,
+        }
         save_checkpoint(out / f"substitute-{name}", model, meta)  # fmt: skip
 
 
