@@ -253,7 +253,8 @@ def test_dfme_accounts_every_query_and_beats_an_untrained_substitute(digits_spli
     """The lab's defaults except a batch of 32, a narrow generator (ngf 16), no learning-rate
     decay and no final phase (the online student is scored, as in the paper), so that a
     budget of 10k (44 iterations) shows learning on the tiny 8×8 victim (measured: 0.23-0.47
-    fidelity over seeds 0-2 and 1 or 2 torch threads; untrained: 0.11). ``tests/test_datafree.py`` covers the final phase."""
+    fidelity over seeds 0-2 and 1 or 2 torch threads; untrained: 0.11).
+    ``tests/test_datafree.py`` covers the final phase."""
     ev = Evaluator.from_victim(digits_victim, digits_splits.test)
     torch.manual_seed(0)
     untrained = ev.evaluate(create_model("cnn", (1, 8, 8), 10))["fidelity"]
