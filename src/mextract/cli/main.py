@@ -193,6 +193,23 @@ def _table_dataset(
     return spec
 
 
+def _plan_runtime(
+    ctx: typer.Context, device: str, threads: int | None, jobs: int, backend: str, address: str | None
+) -> int:
+    """Check where a plan's cells run, set this process's runtime, say where they run, and
+    return the torch threads per cell (this process's with one job, else ``--threads`` or 1)."""
+    from mextract.cli.audit import check_backend
+
+    check_backend(ctx, backend, address)
+    _runtime(ctx, device, threads)
+    if jobs > 1 or backend == "ray":
+        where = "Ray tasks" if backend == "ray" else f"{jobs} worker processes"
+        console.print(f"cells run as {where}, {threads or 1} torch thread(s) each", style="dim", markup=False)
+    import torch
+
+    return torch.get_num_threads() if jobs == 1 else threads or 1
+
+
 def _check_out(ctx: typer.Context, name: str, path: Path | None) -> None:
     if path is not None and path.exists() and not path.is_dir():
         raise typer.BadParameter(f"{path} is a file; expected a run folder", ctx=ctx, param_hint=f"'{name}'")
@@ -1005,14 +1022,7 @@ def matrix(
         raise typer.BadParameter(f"expected a class of {dataset} (0..{info.num_classes - 1}), got {trigger}",
                                  ctx=ctx, param_hint="'--trigger'")  # fmt: skip
     adversarial = _check_pgd(ctx, pgd_eps, pgd_steps)
-    from mextract.cli.audit import check_backend
-
-    check_backend(ctx, backend, address)
-    _runtime(ctx, device, threads)
-    if jobs > 1 or backend == "ray":
-        where = "Ray tasks" if backend == "ray" else f"{jobs} worker processes"
-        console.print(f"cells run as {where}, {threads or 1} torch thread(s) each", style="dim", markup=False)
-    import torch
+    cell_threads = _plan_runtime(ctx, device, threads, jobs, backend, address)
 
     from mextract.cli.progress import ProgressBars
 
@@ -1021,7 +1031,7 @@ def matrix(
                              trigger_target=trigger, adversarial=adversarial,
                              detect=detect, device=None if device == "auto" else device, callback=bars,
                              resume=not fresh, jobs=jobs, backend="ray" if backend == "ray" else "local",
-                             threads=torch.get_num_threads() if jobs == 1 else threads or 1,
+                             threads=cell_threads,
                              address=address)  # fmt: skip
     table = matrix_table(records)
     (out / "matrix.md").write_text(table)
@@ -1057,7 +1067,6 @@ def reproduce(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: local Ray).")] = None,
 ) -> None:
     """The sources' CIFAR-10 experiment, stages 0-3, with their figures beside the lab's (resumable)."""
-    from mextract.cli.audit import check_backend
     from mextract.cli.progress import ProgressBars
     from mextract.experiments.reproduce import (
         check_time_limit,
@@ -1078,16 +1087,11 @@ def reproduce(
     from mextract.data import dataset_info
 
     _check(ctx, "--data-root", dataset_info, "cifar10", data_root)
-    check_backend(ctx, backend, address)
-    _runtime(ctx, device, threads)
-    if jobs > 1 or backend == "ray":
-        where = "Ray tasks" if backend == "ray" else f"{jobs} worker processes"
-        console.print(f"cells run as {where}, {threads or 1} torch thread(s) each", style="dim", markup=False)
-    import torch
+    cell_threads = _plan_runtime(ctx, device, threads, jobs, backend, address)
 
     with ProgressBars(console) as bars:
         result = run_reproduction(out, scale=scale, data_root=data_root, time_limit=limit, jobs=jobs,
-                                  threads=torch.get_num_threads() if jobs == 1 else threads or 1,
+                                  threads=cell_threads,
                                   backend="ray" if backend == "ray" else "local", address=address,
                                   device=None if device == "auto" else device, callback=bars,
                                   resume=not fresh, dawn=dawn)  # fmt: skip
