@@ -22,13 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench import mnist_victim, read_results
 
 from mextract.attacks import create_attack
 from mextract.attacks.registry import parse_attack_spec
-from mextract.data import load_splits
-from mextract.experiments import train_victim_run
 from mextract.metrics import Evaluator
-from mextract.models import load_checkpoint
 from mextract.oracle import VictimOracle
 
 #: (attack spec, answer mode)
@@ -36,6 +34,7 @@ ROWS: list[tuple[str, str]] = [
     ("dfme", "probs"),
     ('dfme:{"retrain": false}', "probs"),
     ("dfme_hard", "label"),
+    ("maze", "probs"),
 ]
 
 
@@ -66,21 +65,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench-datafree"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}", flush=True)
-    victim_dir = Path("runs/bench-art")
-    train_victim_run(victim_dir, dataset="mnist", seed=0)
-    victim, _ = load_checkpoint(victim_dir / "victim")
-    splits = load_splits("mnist", seed=0)
-    ev = Evaluator.from_victim(victim, splits.test)
-    print(f"victim: cnn on mnist, test accuracy {100 * ev.victim_accuracy:.2f}%", flush=True)
+    victim, _, ev = mnist_victim(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.jsonl"
-    done: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["spec"], r["mode"], r["budget"], r["seed"])] = r
+    done = read_results(path, ("spec", "mode", "budget", "seed"))
     table: list[tuple[str, str, int, list[dict[str, Any]]]] = []
     for budget in args.budgets:
         for spec, mode in ROWS:

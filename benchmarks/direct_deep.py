@@ -14,10 +14,11 @@ Cases (``--cases``, comma separated)::
     mnist:784-H1-...-Hk-10  trained 5 epochs on the lab's mnist split (Adam, seed 0, trained
                           once); the run seed is the attack's seed; held-out = mnist test images
 
-Prints the torch thread count and the wall time::
+Runs with one torch thread unless ``--threads`` says otherwise; prints the thread count,
+each run's wall time and the total wall time::
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/direct_deep.py \\
-        --cases gauss:10-8-6-2,gauss:8-6-5-4-2,gauss:10-8-8-6-3 --seeds 10
+        --cases gauss:8-6-5-4-2,gauss:12-10-8-6-3,gauss:20-10-10-10-1 --seeds 10
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ def run_one(case: str, seed: int, silent_tol: float) -> dict[str, Any]:
         param_error=align_relu_deep(res.model, net).max_rel_error,
         queries=res.queries,
         ledger=oracle.ledger.count,
+        metrics={
+            k: v for k, v in res.metrics.items() if k.startswith(("signs_", "rows_", "filled", "attempts"))
+        },
     )
+    assert res.queries == oracle.ledger.count, "reported queries differ from the ledger"
     return out
 
 
@@ -125,12 +130,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--silent-tol", type=float, default=1e-6)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
     print(f"torch threads: {torch.get_num_threads()}  silent if error > {args.silent_tol:g}", flush=True)
     header = (
         f"{'case':<24}{'runs':>5}{'ok':>5}{'raised':>7}{'SILENT':>7}{'func err max':>13}"
-        f"{'hidden param err max':>21}{'queries med':>12}{'time med s':>11}"
+        f"{'hidden param err max':>21}{'queries med':>12}{'queries max':>12}"
+        f"{'time med s':>11}{'time max s':>11}"
     )
     lines = [header, "-" * len(header)]
     for case in args.cases.split(","):
@@ -138,7 +146,8 @@ def main() -> None:
         for s in range(args.first_seed, args.first_seed + args.seeds):
             r = run_one(case, s, args.silent_tol)
             print(f"  {case} seed {s}: {r['status']} {r.get('error', r.get('reason'))} "
-                  f"queries {r['queries']} {r['time_s']:.1f}s", flush=True)  # fmt: skip
+                  f"queries {r['queries']} {r['time_s']:.1f}s {r.get('metrics', '')}",
+                  flush=True)  # fmt: skip
             recs.append(r)
         ok = [r for r in recs if r["status"] == "ok"]
         n_sil = sum(r["status"] == "SILENT" for r in recs)
@@ -148,7 +157,9 @@ def main() -> None:
         lines.append(
             f"{case:<24}{len(recs):>5}{len(ok):>5}{len(recs) - len(ok) - n_sil:>7}{n_sil:>7}"
             f"{max(errs) if errs else float('nan'):>13.2e}{max(perr) if perr else float('nan'):>21.2e}"
-            f"{med([r['queries'] for r in ok]):>12.0f}{med([r['time_s'] for r in recs]):>11.2f}"
+            f"{med([r['queries'] for r in ok]):>12.0f}"
+            f"{max([r['queries'] for r in ok] or [float('nan')]):>12.0f}"
+            f"{med([r['time_s'] for r in recs]):>11.2f}{max(r['time_s'] for r in recs):>11.2f}"
         )
         reasons = collections.Counter(r["reason"].split(":")[0] + ": " + r["reason"].split(":", 1)[1][:60]
                                       for r in recs if r["status"] == "raised")  # fmt: skip

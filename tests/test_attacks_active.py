@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from helpers import Counting
 from torch import nn
 
+from mextract.attacks import create_attack
 from mextract.attacks.active import ActiveExtraction, ActiveHard, Marich, round_sizes
 from mextract.attacks.base import BudgetWarning
 from mextract.attacks.selection import (
@@ -116,6 +119,50 @@ def test_round_sizes_spend_exactly_the_total() -> None:
     assert sum(round_sizes(3000, 0.1, 10)) == 3000
     assert round_sizes(7, 0.1, 10) == [1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     assert round_sizes(40, 0.5, 0) == [40]
+    # the random warm start's floor (initial_per_class · K): 200 of 250 random, then 10 rounds
+    assert round_sizes(250, 0.1, 10, 200) == [200] + [5] * 10
+    assert round_sizes(150, 0.1, 10, 200) == [150] + [0] * 10  # below the floor: all random
+    assert round_sizes(3000, 0.1, 10, 200)[0] == 300  # ActiveThief's 10% when it is larger
+
+
+def test_small_budgets_are_random_with_fixmatch_for_labels(digits_splits, digits_victim, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Below ``initial_per_class · K`` queries the active attack selects nothing (every query is
+    the random warm start), and label answers on a large pool get FixMatch automatically."""
+    ev = Evaluator.from_victim(digits_victim, digits_splits.test)
+    for mode, fixmatch in (("label", True), ("probs", False)):
+        victim = Counting(digits_victim)
+        oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode=mode)
+        events: list[dict[str, object]] = []
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mextract.attacks.semi"):
+            result = ActiveHard(train=FAST, labels="auto")(
+                oracle, digits_splits.pool, 100, substitute="cnn", evaluator=ev, seed=0,
+                callback=events.append,
+            )  # fmt: skip
+        assert result.queries == oracle.ledger.count == victim.evaluated == 100
+        assert not [e for e in events if e.get("stage") == "select"]  # 100 < 20 · 10: no selection round
+        assert ("fixmatch:" in caplog.text) is fixmatch, caplog.text
+        assert result.metrics["fidelity"] >= 0.6, result.metrics  # chance is ~0.1
+
+
+def test_semi_supervised_when_and_schedule() -> None:
+    auto = SemiSupervised(when="auto")
+    assert auto.applies(soft=False, labeled=250, unlabeled=1750)
+    assert not auto.applies(soft=False, labeled=1000, unlabeled=1000)  # fewer than ratio · |L| unqueried
+    assert not auto.applies(soft=True, labeled=250, unlabeled=1750)  # probabilities: off
+    assert SemiSupervised().applies(soft=True, labeled=1000, unlabeled=10)  # "always", what semi={} asks
+    assert SemiSupervised().repeats(250, 1750) == 3  # ⌈1750 / (3·250)⌉ labelled cycles per epoch
+    assert SemiSupervised().repeats(1000, 1000) == 1
+    assert SemiSupervised(epochs_over="labeled").repeats(250, 1750) == 1
+    with pytest.raises(UnknownNameError, match="unknown when 'sometimes'"):
+        SemiSupervised(when="sometimes")
+    with pytest.raises(UnknownNameError, match="unknown epochs_over"):
+        SemiSupervised(epochs_over="pool")
+    # the registry: active's default is automatic; semi={} turns it on, semi=None off
+    assert create_attack("active_hard").semi == SemiSupervised(when="auto")
+    assert create_attack("active_hard", semi={}).semi == SemiSupervised()
+    assert create_attack("active_hard", semi=None).semi is None
+    assert create_attack("hard").semi is None  # the sources' baselines stay supervised
 
 
 # ------------------------------------------------------------------------ the attack, tiny steals
@@ -143,9 +190,10 @@ def test_every_strategy_steals_the_tiny_victim_within_budget(
     budget = 150
     # a cheaper DeepFool for the test (the defaults are exercised on the hand-made model above)
     options = {"max_iter": 4, "classes": 3} if strategy.startswith("dfal") else {}
-    attack = ActiveExtraction(
-        strategy=strategy, strategy_options=options, train=FAST, rounds=3, round_epochs=4
-    )
+    attack = ActiveExtraction(  # the selection itself: no random floor, no FixMatch
+        strategy=strategy, strategy_options=options, train=FAST, rounds=3, round_epochs=4,
+        initial_per_class=0, semi=None,
+    )  # fmt: skip
     fids = []
     for seed in range(3):
         victim = Counting(digits_victim)
@@ -162,8 +210,8 @@ def test_every_strategy_steals_the_tiny_victim_within_budget(
 def test_presets_and_semi_supervised(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
     ev = Evaluator.from_victim(digits_victim, digits_splits.test)
     for attack, mode in [
-        (Marich(train=FAST, rounds=2, round_epochs=3), "probs"),
-        (ActiveHard(train=FAST, rounds=2), "label"),
+        (Marich(train=FAST, rounds=2, round_epochs=3, initial_per_class=0), "probs"),
+        (ActiveHard(train=FAST, rounds=2, initial_per_class=0, semi=None), "label"),
         (ActiveExtraction(strategy="random", rounds=0, train=FAST, semi=SemiSupervised(ratio=2)), "probs"),
         (ActiveExtraction(strategy="kcenter", rounds=2, train=FAST, semi=SemiSupervised(ratio=2)), "label"),
     ]:
@@ -179,7 +227,7 @@ def test_budget_larger_than_pool_takes_the_pool_once(digits_splits, digits_victi
     oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="label")
     pool = digits_splits.pool.x[:40]
     with pytest.warns(BudgetWarning, match="pool of 40 samples"):
-        result = ActiveExtraction(train=TrainConfig(epochs=1), round_epochs=1, rounds=3)(
+        result = ActiveExtraction(train=TrainConfig(epochs=1), round_epochs=1, rounds=3, initial_per_class=0)(
             oracle, pool, 1000, seed=0
         )
     assert result.queries == 40 == victim.evaluated
@@ -189,8 +237,9 @@ def test_active_attack_is_seeded(digits_splits, digits_victim) -> None:  # type:
     def run(seed: int) -> torch.Tensor:
         oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10)
         attack = ActiveExtraction(
-            strategy="entropy_kmeans", train=TrainConfig(epochs=1), round_epochs=1, rounds=2
-        )
+            strategy="entropy_kmeans", train=TrainConfig(epochs=1), round_epochs=1, rounds=2,
+            initial_per_class=0,
+        )  # fmt: skip
         model = attack(oracle, digits_splits.pool, 60, seed=seed).model
         return torch.cat([p.flatten() for p in model.parameters()])
 
@@ -221,6 +270,8 @@ def test_bad_names_and_parameters(digits_splits, digits_victim) -> None:  # type
         ActiveExtraction(initial=0)(label_oracle, pool, 50)
     with pytest.raises(InputError, match="rounds: expected a non-negative integer, got -1"):
         ActiveExtraction(rounds=-1)(label_oracle, pool, 50)
+    with pytest.raises(InputError, match=r"initial_per_class: expected a non-negative integer, got 2\.5"):
+        ActiveExtraction(initial_per_class=2.5)(label_oracle, pool, 50)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="bad options"):
         ActiveExtraction(strategy="dfal", strategy_options={"iters": 3})(label_oracle, pool, 50)
     assert label_oracle.ledger.count == 0
@@ -255,7 +306,7 @@ def test_dfal_with_adversarial_examples_spends_only_its_budget(digits_splits, di
     ev = Evaluator.from_victim(digits_victim, digits_splits.test)
     attack = ActiveExtraction(
         strategy="dfal", strategy_options={"max_iter": 4, "classes": 3}, adversarial_examples=True,
-        train=FAST, rounds=3, round_epochs=4,
+        train=FAST, rounds=3, round_epochs=4, initial_per_class=0, semi=None,
     )  # fmt: skip
     victim = Counting(digits_victim)
     oracle = VictimOracle(victim, input_shape=(1, 8, 8), num_classes=10, mode="label")

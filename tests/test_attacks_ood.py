@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import Counting
 
 from mextract.attacks.base import AttackContext, BudgetWarning
 from mextract.attacks.datafree import DataFreeExtraction, DFMEGenerator, victim_logits
-from mextract.attacks.knockoff import KnockoffNets
+from mextract.attacks.knockoff import ClassSkewWarning, KnockoffNets, answer_spread, balanced_pick
 from mextract.data.transfer import conform_images, font_glyphs, kmeans, load_pool, natural_patches
 from mextract.errors import DataError, InputError, UnknownNameError
 from mextract.metrics import Evaluator
@@ -189,13 +191,21 @@ def test_knockoff_spends_at_most_the_pool(digits_victim, mnist_pool_8x8) -> None
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"policy": "greedy"}, "policy: expected one of random, adaptive, got 'greedy'"),
+        ({"policy": "greedy"}, "policy: expected one of random, adaptive, balanced, got 'greedy'"),
         ({"policy": "adaptive", "pool_labels": torch.zeros(3, dtype=torch.long)}, "one label per pool"),
         ({"policy": "adaptive", "pool_labels": torch.zeros(50)}, "integer tensor"),
         ({"policy": "adaptive", "clusters": 51}, "at most the pool size"),
         ({"round_size": 0}, "round_size: expected a positive integer"),
         ({"bandit_lr": -1.0}, "bandit_lr: expected a positive number"),
         ({"temperature": 0}, "temperature"),
+        (
+            {"policy": "balanced", "warmup": 0.0},
+            r"warmup: expected a share of the budget in \(0, 1\], got 0.0",
+        ),
+        ({"policy": "balanced", "warmup": 1.5}, "warmup: expected a share"),
+        ({"policy": "balanced", "warmup_per_class": -1}, "warmup_per_class: expected a non-negative integer"),
+        ({"policy": "balanced", "rounds": 0}, "rounds: expected a positive integer, got 0"),
+        ({"policy": "balanced", "round_epochs": 2.5}, "round_epochs: expected a positive integer"),
     ],
 )
 def test_knockoff_bad_parameters(digits_victim, options, message) -> None:  # type: ignore[no-untyped-def]
@@ -203,6 +213,104 @@ def test_knockoff_bad_parameters(digits_victim, options, message) -> None:  # ty
     with pytest.raises(InputError, match=message):
         KnockoffNets(**options)(oracle, torch.rand(50, 1, 8, 8), 20, seed=0)
     assert oracle.ledger.count == 0
+
+
+# ------------------------------------------------------- pools that miss victim classes
+
+
+def test_answer_spread_counts_classes_and_effective_number() -> None:
+    even = torch.eye(4).repeat(30, 1)  # 120 one-hot answers, 30 per class
+    s = answer_spread(even, 4)
+    assert s.counts.tolist() == [30] * 4 and s.answered == 4 and abs(s.effective - 4) < 1e-9
+    assert not s.skewed and s.missing == []
+    one = answer_spread(torch.eye(4)[[2] * 50], 4)
+    assert one.answered == 1 and abs(one.effective - 1) < 1e-9 and one.missing == [0, 1, 3] and one.skewed
+    assert "the victim answered 1 of 4 classes" in one.describe()
+    # a class missing from a few answers is no evidence yet (K ln 20K = 17.5 answers for K = 4)
+    few = answer_spread(torch.eye(4)[[0, 1, 2] * 5], 4)
+    assert few.answered == 3 and few.effective > 2 and not few.skewed
+    assert answer_spread(torch.eye(4)[[0, 1, 2] * 6], 4).skewed
+
+
+def test_balanced_pick_prefers_points_of_the_least_answered_classes() -> None:
+    probs = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.0, 0.1, 0.9], [0.0, 0.2, 0.8]])
+    counts = torch.tensor([50, 0, 3])
+    first = balanced_pick(probs, counts, 3).tolist()
+    assert first[0] == 1 and sorted(first) == [1, 2, 3]  # class 0's point, answered 50 times, last
+    assert sorted(balanced_pick(probs, counts, 9).tolist()) == [0, 1, 2, 3]  # capped at the candidates
+
+
+@pytest.fixture(scope="module")
+def few_class_pool(digits_splits):  # type: ignore[no-untyped-def]
+    """1,000 faint grey images (the 8×8 victim answers them with two classes) and 4 real
+    digits per class: a pool on which random selection sees only a few of the ten classes."""
+    g = torch.Generator().manual_seed(0)
+    grey = torch.rand(1000, 1, 1, 1, generator=g) * 0.3 + 0.05 * torch.rand(1000, 1, 8, 8, generator=g)
+    y = digits_splits.pool.y
+    idx = torch.cat([torch.nonzero(y == c).flatten()[:4] for c in range(10)])
+    return torch.cat([grey, digits_splits.pool.x[idx]])
+
+
+TINY = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+
+
+def _run(victim, pool, policy):  # type: ignore[no-untyped-def]
+    counted = Counting(victim)
+    oracle = VictimOracle(counted, input_shape=(1, 8, 8), num_classes=10, mode="label")
+    attack = KnockoffNets(policy=policy, train=TINY, warmup_per_class=2, rounds=4, round_epochs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = attack(oracle, pool, 120, seed=0, device="cpu")
+    with torch.no_grad():
+        seen = torch.unique(victim(counted.queried).argmax(1))  # classes the victim really answered
+    skew = [str(w.message) for w in caught if issubclass(w.category, ClassSkewWarning)]
+    return result, oracle, counted, attack, seen, skew
+
+
+def test_knockoff_notices_a_pool_that_misses_classes_and_balancing_finds_more(
+    digits_victim,
+    few_class_pool,  # type: ignore[no-untyped-def]
+) -> None:
+    """Random selection: the victim answers a few classes, and the warning and the metrics
+    say exactly how many. Balanced selection spends exactly its budget, each pool point
+    once, and gets answers of more classes from the same pool."""
+    result, oracle, counted, attack, seen, skew = _run(digits_victim, few_class_pool, "random")
+    assert result.queries == oracle.ledger.count == counted.evaluated == 120
+    n = len(seen)
+    assert n < 10 and result.metrics["answered_classes"] == n == attack.last_spread.answered
+    assert result.metrics["effective_classes"] < 5
+    assert len(skew) == 1 and f"the victim answered {n} of 10 classes on this pool" in skew[0]
+    assert "policy='balanced'" in skew[0]
+
+    result, oracle, counted, attack, seen_b, skew_b = _run(digits_victim, few_class_pool, "balanced")
+    assert result.queries == oracle.ledger.count == counted.evaluated == 120
+    assert len(torch.unique(counted.queried.flatten(1), dim=0)) == 120  # no point asked twice
+    assert result.metrics["answered_classes"] == len(seen_b) > n
+    assert result.metrics["warmup_answered_classes"] == attack.last_warmup_spread.answered < len(seen_b)
+    assert int(attack.last_spread.counts.sum()) == 120
+    assert all("even with class-balanced selection" in m for m in skew_b)
+
+
+def test_balanced_knockoff_says_when_the_pool_cannot_produce_a_class(digits_victim) -> None:  # type: ignore[no-untyped-def]
+    """Grey images only: no selection can make the victim answer the other classes, and
+    the warning says so instead of pretending."""
+    g = torch.Generator().manual_seed(1)
+    grey = torch.rand(300, 1, 1, 1, generator=g) * 0.3 + 0.05 * torch.rand(300, 1, 8, 8, generator=g)
+    oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10, mode="probs")
+    attack = KnockoffNets(policy="balanced", train=TINY, warmup_per_class=2, rounds=2, round_epochs=2)
+    with pytest.warns(ClassSkewWarning, match=r"pool seems unable to produce class\(es\) \[") as caught:
+        result = attack(oracle, grey, 80, seed=0, device="cpu")
+    assert result.queries == oracle.ledger.count == 80
+    missing = attack.last_spread.missing
+    assert missing and str(missing) in str(caught[0].message)
+
+
+def test_knockoff_is_quiet_on_a_pool_the_victim_answers_evenly(digits_splits, digits_victim) -> None:  # type: ignore[no-untyped-def]
+    oracle = VictimOracle(digits_victim, input_shape=(1, 8, 8), num_classes=10, mode="probs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ClassSkewWarning)
+        result = KnockoffNets(train=TINY)(oracle, digits_splits.pool.x, 200, seed=0, device="cpu")
+    assert result.metrics["answered_classes"] == 10 and result.metrics["effective_classes"] > 8
 
 
 # -------------------------------------------------------------------------------- DFME

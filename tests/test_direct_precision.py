@@ -268,3 +268,77 @@ def test_relu1_failing_on_every_line_raises_with_the_cause(monkeypatch):
     monkeypatch.setattr(ReLUCryptanalysis, "_attempt", always)
     with pytest.raises(DirectExtractionError, match=r"expected rank one \[failed on all 2 random lines\]"):
         ReLUCryptanalysis(retries=1)(_relu_oracle(gaussian_relu1(10, 4, 2, 2), 10, 2), None, 100_000, seed=2)
+
+
+def _coinciding_kinks_net(
+    d: int, h: int, k: int, seed: int, *, gap: float = 0.0
+) -> tuple[torch.nn.Module, float]:
+    """A random net whose units 0 and 1 cross the attack's first random line (seed ``seed``)
+    at the same point (``gap = 0``; else ``gap`` apart): merged kinks no fine grid separates."""
+    net = gaussian_relu1(d, h, k, seed)
+    rng = np.random.default_rng(seed)  # the attack's first line: x0 ~ N(0, I), u uniform
+    x0 = rng.standard_normal(d)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    with torch.no_grad():
+        w, b = net[1].weight.numpy(), net[1].bias.numpy()
+        t0 = float(-(w[0] @ x0 + b[0]) / (w[0] @ u))
+        net[1].bias[1] = float(-(w[1] @ (x0 + (t0 + gap) * u)))
+    return net, t0
+
+
+def test_relu1_merged_kinks_are_taken_from_further_lines() -> None:
+    # units 0 and 1 cross the first line at the same point: their gradient jump there is rank
+    # two on every grid; a second line separates them and explains the first line's jump
+    net, _ = _coinciding_kinks_net(12, 8, 3, 4)
+    oracle = _relu_oracle(net, 12, 3)
+    res = ReLUCryptanalysis(retries=0)(oracle, None, 100_000, seed=4)
+    assert res.metrics["extra_lines"] >= 1 and res.metrics["lines_tried"] == 1
+    assert res.metrics["hidden_units"] == 8 and res.queries == oracle.ledger.count
+    assert _functional_error(res.model, net, 12) < 1e-9
+
+
+def test_relu1_merged_kinks_without_further_lines_raise_the_cause() -> None:
+    net, _ = _coinciding_kinks_net(12, 8, 3, 4)
+    with pytest.raises(DirectExtractionError, match="expected rank one"):
+        ReLUCryptanalysis(retries=0, extra_lines=0)(_relu_oracle(net, 12, 3), None, 100_000, seed=4)
+
+
+def _own_float32_error(net: torch.nn.Module, d: int) -> float:
+    x = torch.randn(20_000, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = net(x)
+        return float((copy.deepcopy(net).float()(x.float()).double() - want).abs().max() / want.abs().max())
+
+
+def test_relu1_float32_chord_search_separates_kinks_the_slope_probes_merge() -> None:
+    from mextract.attacks.direct.common import FlatOracle
+    from mextract.attacks.direct.relu import Precision, _Line
+
+    net, t0 = _coinciding_kinks_net(12, 8, 3, 4, gap=3e-3)  # two kinks 3e-3 apart on the line
+    f = FlatOracle(_relu_oracle(net, 12, 3, dtype=torch.float32))
+    rng = np.random.default_rng(4)
+    x0 = rng.standard_normal(12)
+    u = rng.standard_normal(12)
+    u /= np.linalg.norm(u)
+    w, b = net[1].weight.detach().numpy(), net[1].bias.detach().numpy()
+    true = np.sort(-(w @ x0 + b) / (w @ u))
+    att, prec = ReLUCryptanalysis(), Precision.of(f.eps, tol=1e-7, verify_tol=1e-7)
+    slope, _ = att._find_kinks(_Line(f, x0, u), np.sqrt(12), 11, prec)
+    chords, _ = att._find_kinks(_Line(f, x0, u), np.sqrt(12), 11, prec, chords=True)
+    assert len(slope) == 7  # the float32 slope probes' tolerance merges the pair
+    assert len(chords) == 8 and np.abs(np.sort(chords) - true).max() < 1e-4
+    assert np.sum(np.abs(np.array(chords) - t0) < 1e-2) == 2
+
+
+def test_relu1_float32_merged_kinks_within_the_float32_bound_or_a_named_error() -> None:
+    net, _ = _coinciding_kinks_net(12, 8, 3, 4)  # units 0 and 1 meet the first line at one point
+    oracle = _relu_oracle(net, 12, 3, dtype=torch.float32)
+    res = ReLUCryptanalysis(retries=0)(oracle, None, 100_000, seed=4)
+    assert res.metrics["extra_lines"] >= 1 and res.metrics["hidden_units"] == 8
+    assert res.queries == oracle.ledger.count
+    assert _functional_error(res.model, net, 12) < 10 * _own_float32_error(net, 12)
+    with pytest.raises(DirectExtractionError, match="expected rank one"):
+        ReLUCryptanalysis(retries=0, extra_lines=0)(
+            _relu_oracle(net, 12, 3, dtype=torch.float32), None, 100_000, seed=4
+        )

@@ -122,8 +122,16 @@ def test_audit_plan_defaults_and_what_it_leaves_out() -> None:
     variants = {v.variant for v in plan.victims}
     assert variants == {"plain", "trigger", "adversarial"}
     assert all(c.detect for c in plan.cells if c.kind != "victim")
-    # DFME cannot run at 1,000 queries: said, not run
-    assert any("no data, soft labels" in line for line in plan.left_out)
+    # DFME cannot run at 1,000 queries, nor dfme_hard at 100 or 300: said, not run
+    assert any("no data, soft labels cannot run" in line for line in plan.left_out)
+    assert any("no data, label only at 100, 300 queries" in line for line in plan.left_out)
+    free = {(c.thief, c.budget) for c in exposure if c.data == "none"}
+    assert free == {("no data, label only", 1000)}
+    # out-of-domain thieves: glyphs for a single-channel victim, photo patches for colour images
+    assert {c.pool for c in exposure if c.data == "out-of-domain"} == {"font_glyphs"}
+    colour = audit_plan(VictimSpec(dataset="cifar10"), thieves=["ood-soft"], input_shape=(3, 32, 32),
+                        num_classes=10)  # fmt: skip
+    assert {c.pool for c in colour.cells if c.kind == "cell"} == {"natural_patches"}
     quick = audit_plan(VictimSpec(dataset="mnist"), quick=True)
     assert len(quick.work()) < len(plan.work()) / 3
     assert any("quick plan" in line for line in quick.left_out)

@@ -47,6 +47,8 @@ LEARNING: dict[str, tuple[str, dict[str, Any], int]] = {
              400),
     "dfme_hard": ("label", {"batch_size": 16, "latent_dim": 16, "ngf": 8, "n_substitute": 1, "evaluations": 2,
                             "train": TINY}, 400),
+    "maze": ("logits", {"batch_size": 16, "latent_dim": 16, "ngf": 8, "directions": 2, "n_clone": 2,
+                        "n_replay": 2, "evaluations": 2, "train": TINY}, 400),
 }
 
 

@@ -8,8 +8,9 @@ the labels are independent: any strategy works with soft (KD) or hard (CE) label
 
 Query accounting: the attack spends exactly ``B = min(budget, |pool|)`` queries, all
 through :func:`~mextract.attacks.substitute.query_pool`, each pool point at most once:
-``n₀ = max(1, round(initial · B))`` random points first, then ``B − n₀`` split into
-``rounds`` near-equal increments (the last rounds take the remainder). Selection and
+``n₀ = min(B, max(1, round(initial · B), initial_per_class · K))`` random points first
+(``K`` classes, from the API's description), then ``B − n₀`` split into ``rounds``
+near-equal increments (the last rounds take the remainder). Selection and
 semi-supervised pseudo-labels use only the substitute and cost no query. With
 ``rounds = 0`` the attack is one-shot random querying (the KD / hard baselines), which
 lets those be combined with the ``semi`` option.
@@ -32,6 +33,21 @@ DeepFool adversarial examples (against the selection substitute, clipped to the 
 range) join the training set with the answers queried for the points themselves — twice
 the training data for no extra query. Off by default (DFAL as a selection strategy only).
 Faithfulness: ``docs/faithfulness.md#dfal``.
+
+The random warm start's floor (``initial_per_class``, 20 labels per class): a substitute
+trained on a few labels per class ranks the pool no better than chance, and its most
+uncertain or most diverse points are outliers and rare classes — Hacohen, Dekel & Weinshall
+(ICML 2022) show that below such budgets typical points beat uncertain ones and that
+uncertainty sampling falls below random. Measured here before the floor (label-only, the
+bundled mnist victim, 3 seeds): ``active_hard`` 91.6% fidelity at 250 queries against
+random's 94.9%, 97.1% against 97.2% at 500, 98.1% against 97.5% at 1,000. So the first
+``20·K`` queries are random; below ``20·K`` the attack is random querying (with FixMatch,
+see below), by design. ActiveThief's 10% still rules when it is larger (``B ≥ 200·K``).
+
+Semi-supervised training (``semi``): by default ``SemiSupervised(when="auto")``, i.e.
+FixMatch on the unqueried pool for the final model when the answers are labels only and
+the pool holds at least ``ratio`` (3) unqueried points per queried one
+(:mod:`mextract.attacks.semi`); ``semi={}`` turns it on for any answers, ``semi=None`` off.
 
 Labels: ``"soft"`` distils the answers at temperature ``T = 3`` (the sources; needs a
 soft answer mode), ``"hard"`` trains cross-entropy on their argmax, ``"auto"`` picks soft
@@ -59,13 +75,16 @@ from mextract.training import TrainConfig
 logger = logging.getLogger(__name__)
 
 LABELS = ("auto", "soft", "hard")
+#: the default ``semi``: FixMatch for label answers on a large pool (see the module docstring)
+SEMI_AUTO = SemiSupervised(when="auto")
 
 
-def round_sizes(total: int, initial: float, rounds: int) -> list[int]:
-    """Queries per step: the random seed set, then ``rounds`` near-equal increments (sum = total)."""
+def round_sizes(total: int, initial: float, rounds: int, floor: int = 1) -> list[int]:
+    """Queries per step: the random seed set (at least ``floor``), then ``rounds`` near-equal
+    increments (sum = total)."""
     if rounds == 0:
         return [total]
-    n0 = min(total, max(1, round(initial * total)))
+    n0 = min(total, max(1, floor, round(initial * total)))
     rest = total - n0
     return [n0] + [rest // rounds + (1 if r >= rounds - rest % rounds else 0) for r in range(rounds)]
 
@@ -74,10 +93,12 @@ def round_sizes(total: int, initial: float, rounds: int) -> list[int]:
 class ActiveExtraction(Attack):
     """Pool-based active extraction (ActiveThief, Pal et al. AAAI 2020); see the module docstring.
 
-    Defaults: ``initial = 0.1`` and ``rounds = 10`` as ActiveThief; ``strategy =
-    "kcenter"`` (ActiveThief's strongest single strategy on images); the final training is
-    the baselines' :data:`~mextract.attacks.baselines.SUBSTITUTE_TRAINING`; selection
-    models get ``round_epochs = 10`` warm-started epochs.
+    Defaults: ``initial = 0.1`` and ``rounds = 10`` as ActiveThief, with a floor of
+    ``initial_per_class = 20`` random labels per class; ``strategy = "kcenter"``
+    (ActiveThief's strongest single strategy on images); the final training is the
+    baselines' :data:`~mextract.attacks.baselines.SUBSTITUTE_TRAINING`, with FixMatch for
+    label answers on a large pool (``semi``, automatic); selection models get
+    ``round_epochs = 10`` warm-started epochs.
 
     Faithfulness: ``docs/faithfulness.md#active``.
     """
@@ -88,11 +109,12 @@ class ActiveExtraction(Attack):
     labels: str = "auto"
     temperature: float = 3.0
     initial: float = 0.1
+    initial_per_class: int = 20
     rounds: int = 10
     train: TrainConfig = SUBSTITUTE_TRAINING
     round_epochs: int = 10
     retrain: bool = False
-    semi: SemiSupervised | None = None
+    semi: SemiSupervised | None = SEMI_AUTO
     adversarial_examples: bool = False
 
     def __post_init__(self) -> None:
@@ -112,10 +134,10 @@ class ActiveExtraction(Attack):
             raise InputError(f"temperature: expected a positive number, got {self.temperature}")
         if not 0 < self.initial <= 1:
             raise InputError(f"initial: expected a share of the budget in (0, 1], got {self.initial}")
-        for name in ("rounds", "round_epochs"):
+        for name in ("rounds", "round_epochs", "initial_per_class"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "rounds" else 1):
-                kind = "a non-negative" if name == "rounds" else "a positive"
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "round_epochs" else 0):
+                kind = "a positive" if name == "round_epochs" else "a non-negative"
                 raise InputError(f"{name}: expected {kind} integer, got {v!r}")
         if not isinstance(self.adversarial_examples, bool):
             raise InputError(f"adversarial_examples: expected a bool, got {self.adversarial_examples!r}")
@@ -145,7 +167,8 @@ class ActiveExtraction(Attack):
         temperature = self.temperature if soft else 1.0
         select = create_strategy(self.strategy, **self.strategy_options)
         total = min(ctx.remaining, len(pool))
-        sizes = [s for s in round_sizes(total, self.initial, self.rounds) if s > 0]
+        floor = self.initial_per_class * ctx.api.description.num_classes
+        sizes = [s for s in round_sizes(total, self.initial, self.rounds, floor) if s > 0]
         quiet = replace(ctx, snapshot=None)  # selection models: one history point per round
         round_cfg = replace(self.train, epochs=self.round_epochs)
 
@@ -186,9 +209,9 @@ class ActiveExtraction(Attack):
                 logger.info("active %s round %d: %d queries", self.strategy, r, ctx.spent)
                 continue
             start = None if self.retrain else model
-            if self.semi is not None:
-                unlabeled = pool[~queried]
-                return train_semi(ctx, x, targets, unlabeled, self.semi, soft=soft,
+            unlabeled, semi = pool[~queried], self.semi
+            if semi is not None and semi.applies(soft=soft, labeled=len(x), unlabeled=len(unlabeled)):
+                return train_semi(ctx, x, targets, unlabeled, semi, soft=soft,
                                   temperature=temperature, config=self.train, model=start)  # fmt: skip
             return train_substitute(ctx, x, targets, soft=soft, temperature=temperature,
                                     config=self.train, model=start)  # fmt: skip

@@ -4,7 +4,8 @@ distribution (an out-of-domain pool, see :mod:`mextract.data.transfer`), train a
 substitute on the answers.
 
 One registered attack, ``knockoff``, with the paper's two sampling policies
-(``policy="random"`` or ``policy="adaptive"``)::
+(``policy="random"`` or ``policy="adaptive"``) and a class-balancing one of ours
+(``policy="balanced"``, below)::
 
     create_attack("knockoff", policy="adaptive", pool_labels=pool.y)
 
@@ -55,15 +56,74 @@ with the soft-label cross-entropy of the paper (KL at temperature ``T = 1``; oth
 ``T`` as in Hinton et al. 2015 if set), label-only answers with cross-entropy on the
 returned class.
 
+**Noticing a pool that misses classes** (every policy). An out-of-domain pool can make
+the victim answer only some of its ``K`` classes (photo patches against a digit
+classifier): the substitute then never sees the others. After the answers are in (for
+``balanced``, also after its random warm-up), the attack measures their spread: the
+top-1 histogram (for every answer mode the argmax is the victim's label), the classes
+answered at least once, and the *effective number of classes* ``exp(H)`` of that
+histogram (``H`` its Shannon entropy; ``K`` when the answers spread evenly, 1 when one
+class takes all; Hill 1973, "Diversity and evenness"). They go into the result's metrics
+(``answered_classes``, ``effective_classes``, and ``warmup_*`` for ``balanced``) and
+into the log. The spread is *skewed* when the effective number is below ``K/2`` (the
+answers are as concentrated as an even spread over fewer than half the classes), or when
+a class was never answered although ``n ≥ K·ln(20K)`` answers came back — the count
+after which an even spread leaves some class unanswered with probability below 5%
+(coupon collector with a union bound: ``K(1 - 1/K)^n ≤ K e^{-n/K}``), so that a missing
+class is a fact about the pool and not about a small sample. A skewed spread raises a
+:class:`ClassSkewWarning` that says "the victim answered N of K classes on this pool",
+names the missing classes, and points to ``policy="balanced"`` — or, after a balanced
+run, says that the pool seems unable to produce them (the warning does not pretend).
+
+**balanced** — class balancing by selection, for pools the victim answers unevenly.
+A random warm-up of ``n₀ = min(B, max(round(warmup · B), warmup_per_class · K))``
+points (ActiveThief's 10% seed set, Pal et al. AAAI 2020, with the floor of 20 labels
+per class that :mod:`mextract.attacks.active` takes from Hacohen et al. ICML 2022: a
+substitute trained on fewer ranks the pool no better than chance); its spread is
+measured and logged as above. The rest of the budget goes in ``rounds`` near-equal
+rounds (ActiveThief's 10). Each round trains the selection substitute on every answer so
+far (warm-started, ``round_epochs`` epochs, as :mod:`mextract.attacks.active`), scores
+the unqueried pool with it (``p̂(k | x)``, its softmax: its estimate of how the victim
+answers ``x``) and picks the round's points greedily to maximise the expected gain of
+``Σ_k log(1 + n_k)`` (``n_k`` the victim's top-1 answers of class ``k``) — a concave
+objective whose maximum, for a fixed number of answers, is the even spread, and whose
+marginal value ``log(2 + n_k) - log(1 + n_k)`` of one more answer of class ``k`` is
+largest for the classes answered least (the proportional-fairness / Nash product of
+allocation theory). A point's gain is ``Σ_k p̂(k|x) (log(2 + n_k) - log(1 + n_k))``;
+after each pick the counts grow by the point's ``p̂`` (expected answers), so that one
+round spreads over several rare classes instead of spending itself on the rarest. Rare
+classes thus get the points the substitute thinks most likely to be answered as them —
+the spirit of MARICH's and ActiveThief's substitute-scored pool selection, and of
+Knockoff's adaptive policy with the victim's classes (not the pool's) as the arms. A
+class the pool cannot produce stays unanswered, whatever is picked; the selection is
+self-correcting in that its misses are answers too, which teach the next round's
+substitute where that class is *not*. The final substitute is trained afresh on all
+answers, as for the other policies.
+
+Which policy when (``random`` stays the default): ``random`` for a pool the victim
+answers evenly (no warning): it is the paper's baseline and the cheapest. ``balanced``
+when the warning says the answers are skewed: it costs ``rounds`` short trainings and
+pool scorings besides the final training (several times the wall time of ``random``),
+and it evens out the answers only as far as the pool holds points the victim answers as
+the rare classes — it cannot close a domain gap: on photo patches against the mnist
+victim it spreads the answers (effective number 5.6 → 7.3-7.5 of 10) but the substitute
+stays far from the victim (``docs/attacks.md``, "Out-of-domain pools that miss classes",
+has the figures). ``adaptive`` when the pool has classes of its own and some are
+uninformative.
+
 **Queries**: exactly ``min(budget, |pool|)`` samples, each answered once; the reward
 and the online step use only those answers. Nothing else is sent to the victim.
+``balanced`` sends every query through :func:`~mextract.attacks.substitute.query_pool`;
+its selection uses only the substitute and costs no query.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -72,6 +132,7 @@ from torch import nn
 
 from mextract.attacks.base import Attack, AttackContext
 from mextract.attacks.baselines import SUBSTITUTE_TRAINING
+from mextract.attacks.selection import embed
 from mextract.attacks.substitute import (
     hard_targets,
     kd_loss,
@@ -87,7 +148,73 @@ from mextract.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("random", "adaptive")
+POLICIES = ("random", "adaptive", "balanced")
+
+
+class ClassSkewWarning(UserWarning):
+    """The victim's answers on the pool miss classes or crowd into a few (see the module doc)."""
+
+
+@dataclass(frozen=True)
+class AnswerSpread:
+    """How the victim's top-1 answers spread over its ``K`` classes."""
+
+    counts: torch.Tensor  # (K,) answers of each class
+    answered: int  # classes answered at least once
+    effective: float  # exp(entropy) of the histogram: K when even, 1 when one class takes all
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    @property
+    def missing(self) -> list[int]:
+        return torch.nonzero(self.counts == 0).flatten().tolist()
+
+    @property
+    def skewed(self) -> bool:
+        """Effective number below ``K/2``, or a class never answered although ``n ≥ K·ln(20K)``
+        answers came back (an even spread then misses a class with probability below 5%)."""
+        k, n = self.num_classes, int(self.counts.sum())
+        enough = n >= k * math.log(20 * k)
+        return self.effective < k / 2 or (enough and self.answered < k)
+
+    def describe(self) -> str:
+        k = self.num_classes
+        text = (
+            f"the victim answered {self.answered} of {k} classes on this pool "
+            f"({int(self.counts.sum())} answers; effective number of classes {self.effective:.1f} of {k}"
+        )
+        return text + (f"; never answered: {self.missing})" if self.missing else ")")
+
+
+def answer_spread(answers: torch.Tensor, num_classes: int) -> AnswerSpread:
+    """The top-1 histogram of raw answers (any mode: the argmax is the victim's label), the
+    classes answered and the effective number of classes ``exp(H)`` (Hill 1973)."""
+    counts = torch.bincount(hard_targets(answers).cpu(), minlength=num_classes)[:num_classes]
+    q = counts.double() / max(int(counts.sum()), 1)
+    q = q[q > 0]
+    effective = float(torch.exp(-(q * q.log()).sum())) if len(q) else 0.0
+    return AnswerSpread(counts=counts, answered=int((counts > 0).sum()), effective=effective)
+
+
+def balanced_pick(probs: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedily pick ``n`` rows of ``probs`` (``(N, K)``, the substitute's estimate of the
+    victim's answer for each candidate) maximising the expected gain of ``Σ_k log(1 + n_k)``
+    from the answer counts ``counts``; each pick adds its row to the expected counts.
+    Returns the chosen row indices (distinct, in pick order)."""
+    n = min(n, len(probs))
+    p = probs.double()
+    c = counts.double().clone()
+    free = torch.ones(len(p), dtype=torch.bool)
+    chosen: list[int] = []
+    for _ in range(n):
+        gain = p @ (torch.log(c + 2) - torch.log(c + 1))
+        j = int(gain.masked_fill(~free, float("-inf")).argmax())
+        chosen.append(j)
+        free[j] = False
+        c += p[j]
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -122,10 +249,11 @@ class _RunningStats:
 
 @dataclass(kw_only=True)
 class KnockoffNets(Attack):
-    """Knockoff Nets with the random or the adaptive (gradient-bandit) policy; see the module doc.
+    """Knockoff Nets with the random, the adaptive (gradient-bandit) or the class-balancing
+    policy; see the module doc (which also says which policy to use when).
 
     Args:
-        policy: ``"random"`` or ``"adaptive"``.
+        policy: ``"random"``, ``"adaptive"`` or ``"balanced"``.
         pool_labels: the pool's own class of each pool point (adaptive only; ``None``:
             k-means clusters of the pool).
         clusters: number of k-means clusters when ``pool_labels`` is ``None``.
@@ -135,15 +263,21 @@ class KnockoffNets(Attack):
         online_lr: learning rate of the online substitute updates.
         temperature: of the final soft-label loss (1: the paper's soft cross-entropy).
         train: the final substitute training (the baselines' recipe).
+        warmup: ``balanced`` only: share of the budget queried at random first (ActiveThief's 0.1).
+        warmup_per_class: ``balanced`` only: floor of that warm-up, per victim class (20).
+        rounds: ``balanced`` only: selection rounds after the warm-up (ActiveThief's 10).
+        round_epochs: ``balanced`` only: warm-started epochs of each round's selection substitute.
 
     After an adaptive run, ``last_arm_counts`` holds the queries spent on each pool class
-    (in the order of the sorted distinct labels, or of the k-means clusters).
+    (in the order of the sorted distinct labels, or of the k-means clusters). After any
+    run, ``last_spread`` is the :class:`AnswerSpread` of all answers (``last_warmup_spread``
+    that of a balanced run's warm-up).
 
     Faithfulness: ``docs/faithfulness.md#knockoff``.
     """
 
     name: ClassVar[str] = "knockoff"
-    policy: Literal["random", "adaptive"] = "random"
+    policy: Literal["random", "adaptive", "balanced"] = "random"
     pool_labels: torch.Tensor | None = None
     clusters: int = 10
     round_size: int = 16
@@ -152,6 +286,10 @@ class KnockoffNets(Attack):
     online_lr: float = 0.01
     temperature: float = 1.0
     train: TrainConfig = SUBSTITUTE_TRAINING
+    warmup: float = 0.1
+    warmup_per_class: int = 20
+    rounds: int = 10
+    round_epochs: int = 10
 
     def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if self.policy not in POLICIES:
@@ -159,6 +297,14 @@ class KnockoffNets(Attack):
         _positive_int("clusters", self.clusters)
         _positive_int("round_size", self.round_size)
         _positive_int("diversity_window", self.diversity_window)
+        _positive_int("rounds", self.rounds)
+        _positive_int("round_epochs", self.round_epochs)
+        w = self.warmup
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= 1:
+            raise InputError(f"warmup: expected a share of the budget in (0, 1], got {w!r}")
+        wpc = self.warmup_per_class
+        if isinstance(wpc, bool) or not isinstance(wpc, int) or wpc < 0:
+            raise InputError(f"warmup_per_class: expected a non-negative integer, got {wpc!r}")
         for name in ("bandit_lr", "online_lr", "temperature"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
@@ -190,11 +336,15 @@ class KnockoffNets(Attack):
 
     def run(self, ctx: AttackContext) -> nn.Module:
         assert ctx.pool is not None
+        self.last_warmup_spread: AnswerSpread | None = None
         if self.policy == "random":
             x = ctx.pool[random_subset(ctx, ctx.budget)]
             answers = query_pool(ctx, x)
+        elif self.policy == "balanced":
+            x, answers = self._balanced(ctx)
         else:
             x, answers = self._adaptive(ctx)
+        self._notice(ctx, answers)
         logger.info("knockoff %s: %d queries answered, final training", self.policy, len(x))
         if ctx.api.mode.is_soft:
             targets = soft_targets(answers, ctx, self.temperature)
@@ -202,6 +352,80 @@ class KnockoffNets(Attack):
                 ctx, x, targets, soft=True, temperature=self.temperature, config=self.train
             )
         return train_substitute(ctx, x, hard_targets(answers), soft=False, config=self.train)
+
+    def _notice(self, ctx: AttackContext, answers: torch.Tensor) -> None:
+        """Measure, record and (when skewed) warn about the spread of all the answers."""
+        spread = answer_spread(answers, ctx.api.description.num_classes)
+        self.last_spread = spread
+        ctx.metrics["answered_classes"] = float(spread.answered)
+        ctx.metrics["effective_classes"] = spread.effective
+        logger.info("knockoff %s: %s; answers per class %s", self.policy, spread.describe(),
+                    spread.counts.tolist())  # fmt: skip
+        if not spread.skewed:
+            return
+        if self.policy == "balanced":
+            what = spread.describe() + " even with class-balanced selection"
+            if spread.missing:
+                what += (
+                    f": the pool seems unable to produce class(es) {spread.missing}, which the "
+                    "substitute will not learn from it; add a pool that holds them"
+                )
+            else:
+                what += ": the pool holds few points the victim answers as the rarest classes"
+        else:
+            what = (
+                spread.describe() + ": the substitute learns little of the classes it rarely or never "
+                "sees; try policy='balanced' (class-balancing selection) or another pool"
+            )
+        logger.warning("knockoff: %s", what)
+        warnings.warn(ClassSkewWarning(f"knockoff: {what}"), stacklevel=2)
+
+    def _balanced(self, ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random warm-up, then class-balancing rounds (module doc, **balanced**)."""
+        assert ctx.pool is not None
+        pool = ctx.pool
+        k = ctx.api.description.num_classes
+        soft = ctx.api.mode.is_soft
+        total = min(ctx.remaining, len(pool))
+        n0 = min(total, max(1, round(self.warmup * total), self.warmup_per_class * k))
+        rest = total - n0
+        sizes = [rest // self.rounds + (1 if r >= self.rounds - rest % self.rounds else 0)
+                 for r in range(self.rounds)]  # fmt: skip
+        sizes = [n for n in sizes if n > 0]  # fewer rounds than `rounds` when few queries are left
+        quiet = replace(ctx, snapshot=None)  # selection models: one history point per round
+        round_cfg = replace(self.train, epochs=self.round_epochs)
+
+        order = torch.randperm(len(pool), generator=ctx.generator)
+        chosen = order[:n0]
+        queried = torch.zeros(len(pool), dtype=torch.bool)
+        queried[chosen] = True
+        picked = [chosen]
+        answers = [query_pool(ctx, pool[chosen])]
+        warm = answer_spread(answers[0], k)
+        self.last_warmup_spread = warm
+        ctx.metrics["warmup_answered_classes"] = float(warm.answered)
+        ctx.metrics["warmup_effective_classes"] = warm.effective
+        logger.info("knockoff balanced: after the random warm-up of %d, %s; answers per class %s",
+                    n0, warm.describe(), warm.counts.tolist())  # fmt: skip
+        model: nn.Module | None = None
+        for r, size in enumerate(sizes):
+            x = pool[torch.cat(picked)]
+            raw = torch.cat(answers)
+            targets = soft_targets(raw, ctx, self.temperature) if soft else hard_targets(raw)
+            model = train_substitute(quiet, x, targets, soft=soft, temperature=self.temperature,
+                                     config=round_cfg, model=model)  # fmt: skip
+            ctx.report(model, r)
+            candidates = order[~queried[order]]  # unqueried, in the run's random order (breaks ties)
+            logits, _ = embed(model, pool[candidates], features=False)
+            counts = answer_spread(raw, k).counts
+            pick = candidates[balanced_pick(torch.softmax(logits.double(), 1), counts, size)]
+            ctx.emit(stage="select", done=r + 1, total=len(sizes), strategy="balanced")
+            answers.append(query_pool(ctx, pool[pick]))
+            queried[pick] = True
+            picked.append(pick)
+            logger.info("knockoff balanced round %d: %d queries, answers per class %s", r, ctx.spent,
+                        answer_spread(torch.cat(answers), k).counts.tolist())  # fmt: skip
+        return pool[torch.cat(picked)], torch.cat(answers)
 
     def _arm_labels(self, ctx: AttackContext) -> torch.Tensor:
         assert ctx.pool is not None

@@ -14,6 +14,7 @@ from mextract.attacks.datafree_hard import DataFreeHardLabel
 from mextract.attacks.direct import EquationSolving, ReLU2Cryptanalysis, ReLUCryptanalysis
 from mextract.attacks.hard import HardAugment, HardBoundary, HardMixup
 from mextract.attacks.knockoff import KnockoffNets
+from mextract.attacks.maze import MAZE
 from mextract.attacks.semi import SemiSupervised
 from mextract.attacks.soft import ErasingDistillation
 from mextract.attacks.spsg import SPSG
@@ -37,6 +38,7 @@ ATTACKS: dict[str, type[Attack]] = {
     KnockoffNets.name: KnockoffNets,
     DataFreeExtraction.name: DataFreeExtraction,
     DataFreeHardLabel.name: DataFreeHardLabel,
+    MAZE.name: MAZE,
     EquationSolving.name: EquationSolving,
     ReLUCryptanalysis.name: ReLUCryptanalysis,
     ReLU2Cryptanalysis.name: ReLU2Cryptanalysis,
@@ -44,7 +46,8 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 
-#: Optional nested settings that are ``None`` by default, built from a dict of options.
+#: Optional nested settings, built from a dict of options with their own defaults (even where
+#: an attack's default is set, e.g. ``active``'s automatic ``semi``: ``semi={}`` turns it on).
 NESTED: dict[str, Any] = {"semi": SemiSupervised}
 
 
@@ -86,10 +89,10 @@ def create_attack(name: str, **options: Any) -> Attack:
         if not isinstance(value, dict):
             continue
         try:
-            if key in defaults:  # e.g. train={"epochs": 20}: override the default field by field
-                options[key] = replace(defaults[key], **value)
-            elif key in NESTED:  # e.g. semi={} turns the option on with its defaults
+            if key in NESTED:  # e.g. semi={} turns the option on with its own defaults
                 options[key] = NESTED[key](**value)
+            elif key in defaults:  # e.g. train={"epochs": 20}: override the default field by field
+                options[key] = replace(defaults[key], **value)
         except TypeError as exc:
             raise InputError(f"attack {name!r}: bad {key} options {sorted(value)}: {exc}") from exc
     try:

@@ -49,6 +49,15 @@ precision refinements but not their procedure):
 * a gradient jump that is not rank one (two kinks merged) is searched again on a fine
   grid between its neighbouring piece middles, re-measuring only the pieces next to it;
   the rank-one test discounts the noise floor ``4(√K + √D)·err`` of the Jacobian entries;
+* coarse (float32) answers: a line left with such jumps is searched again with *chords*
+  (:meth:`ReLUCryptanalysis._find_kinks_chords`: values only, an interval is linear when
+  its middle lies on the chord of its ends within the answers' noise; kinks where the
+  least-squares lines of neighbouring linear runs meet), whose resolution does not suffer
+  from the short slope probes' noise; the search that leaves fewer rank-two jumps is kept;
+* ``extra_lines``: jumps still not rank one are explained by further random lines
+  (:meth:`ReLUCryptanalysis._union_lines`): their clean rows are merged with the first
+  line's (same hyperplane and output column = same unit) until the units crossing the
+  first line between two piece middles add up to every doubtful jump there;
 * ``refine_steps``: Jacobian columns are re-measured with the longest safe step the
   recovered geometry allows (finite-difference error is ``noise/step``), and kept only if
   consistent with the first measurement;
@@ -182,6 +191,27 @@ class _Line:
         return self.f(self.x0[None, :] + ts[:, None] * self.u[None, :])
 
 
+@dataclass
+class _LineFit:
+    """Stage 2's results on one line: kinks ``ts``, piece middles, Jacobians, values and
+    steps, and the rows of the kept kinks (``ratio``: their rank-one residuals)."""
+
+    ts: np.ndarray
+    centers: np.ndarray
+    grads: np.ndarray
+    vals: np.ndarray
+    steps: np.ndarray
+    w0: np.ndarray
+    b0: np.ndarray
+    a1: np.ndarray
+    ratio: np.ndarray
+    keep: np.ndarray
+    values: int
+    requeried: int
+    shrinks: int
+    researched: int
+
+
 @dataclass(kw_only=True)
 class ReLUCryptanalysis(Attack):
     """Exact extraction of a one-hidden-layer ReLU network from its logits.
@@ -204,6 +234,16 @@ class ReLUCryptanalysis(Attack):
             safe step (half the way to the nearest known hyperplane along ``e_i``) is over
             4× the first one: finite-difference error is ``~noise/step``, so this is what
             keeps wide layers (close kinks, short first steps) and float32 answers precise.
+        extra_lines: when a gradient jump of the line is not rank one (merged kinks) or, for
+            coarse answers, too noisy (``max_row_error``), up to this many further random lines
+            contribute the units they see cleanly, until every doubtful jump of the first line
+            is explained by the units found (see :meth:`_union_lines`); 0: raise at once.
+        max_row_error: largest noise-to-jump ratio (about the row's angular error) of a row
+            kept from a line in that case.
+        chord_search: for coarse (float32) answers, a line whose jumps are not all rank one
+            is searched again with the values-only chord search (:meth:`_find_kinks_chords`),
+            whose resolution does not suffer from short slope probes; the better of the two
+            searches (fewer rank-two jumps) is kept.
         polish_max_params: for answers coarser than float64 (float32), networks with at most
             this many parameters get a final joint Gauss-Newton least-squares polish of all
             parameters on ``2P/K + 16`` fresh queries (activation pattern fixed from the
@@ -226,6 +266,9 @@ class ReLUCryptanalysis(Attack):
     retries: int = 2
     refine_steps: bool = True
     polish_max_params: int = 2500
+    extra_lines: int = 2
+    max_row_error: float = 0.05
+    chord_search: bool = True
 
     def check_params(self, api: APIDescription, pool: torch.Tensor | None, budget: int) -> None:
         if api.mode not in (AnswerMode.LOGITS, AnswerMode.PROBS):
@@ -294,11 +337,124 @@ class ReLUCryptanalysis(Attack):
         logger.info("relu extraction: %d critical points on the line", len(ts))
 
         # 2. one affine model per linear piece ------------------------------
+        q_grad0 = ctx.spent
+        lf = self._line_rows(f, line, ts, unit, reach, prec, rng)
+        values += lf.values
+        chord_redo = 0
+        if self.chord_search and prec.eps > 1e-12 and len(lf.ratio) and lf.ratio.max() > prec.rank:
+            # coarse answers: the slope probes' noise merged kinks; search the same line again
+            # with chords (values only) and keep whichever leaves fewer rank-two jumps
+            kinks2, n2 = self._find_kinks(line, unit, reach, prec, chords=True)
+            values += n2
+            if kinks2:
+                lf2 = self._line_rows(f, line, np.array(sorted(kinks2)), unit, reach, prec, rng, chords=True)
+                values += lf2.values
+                chord_redo = 1
+                if int((lf2.ratio > prec.rank).sum()) < int((lf.ratio > prec.rank).sum()):
+                    lf, chord_redo = lf2, 2
+        stages["chord_search"] = float(chord_redo)
+        ts, centers, grads, vals, keep = lf.ts, lf.centers, lf.grads, lf.vals, lf.keep
+        w0, b0, a1, ratio = lf.w0, lf.b0, lf.a1, lf.ratio
+        requeried, shrinks, researched = lf.requeried, lf.shrinks, lf.researched
+        stages["queries_gradients"] = float(ctx.spent - q_grad0)
+        assert w0 is not None and b0 is not None and a1 is not None
+        extra_used = 0
+        if len(ratio) and ratio.max() > prec.rank:
+            if not self.extra_lines:
+                j = int(np.argmax(ratio))
+                raise DirectExtractionError(
+                    f"gradient jump at critical point {j}: expected rank one (one hidden unit), "
+                    f"got second/first singular value {ratio[j]:.3g}: two hyperplanes cross too "
+                    "close together, or the victim is not a one-hidden-layer ReLU network"
+                )
+            q_union = ctx.spent
+            w0, b0, a1, extra_used = self._union_lines(f, lf, unit, reach, prec, rng)
+            stages["queries_extra_lines"] = float(ctx.spent - q_union)
+        stages["extra_lines"] = float(extra_used)
+        stages["kinks_researched"] = float(researched)
+        stages["queries_requery"] = float(requeried)
+        stages["step_shrinks"] = float(shrinks)
+
+        # 3. absolute signs ---------------------------------------------------
+        flips = _solve_flips(w0, b0, a1, grads, centers, prec.flip)
+        w0[flips] *= -1.0
+        b0[flips] *= -1.0
+
+        # 4a. biases from closed-form critical points on normal lines ------
+        ts = ts[keep]  # spurious kinks (no gradient jump) are dropped
+        # base: the origin, so that b = -w·x* is insensitive to the tiny error left in w
+        b0 = self._polish_biases(f, w0, b0, np.zeros((len(w0), d)), unit)
+
+        # 4b. output layer by least squares; 4c. held-out check -------------
+        n_fit = w0.shape[0] + 1
+        x_fit = sigma * rng.standard_normal((n_fit, d))
+        y_fit = f(x_fit)
+        xs = np.vstack([centers, x_fit])
+        ys = np.vstack([vals, y_fit])
+        a1, b1 = _output_layer(w0, b0, xs, ys)
+        n_par = w0.shape[0] * (d + 1) + k * (w0.shape[0] + 1)
+        polished = 0
+        if prec.eps > 1e-12 and n_par <= self.polish_max_params:
+            # coarse answers: a joint least-squares polish of every parameter on fresh queries
+            n_pol = int(np.ceil(2.0 * n_par / k)) + 16
+            x_pol = sigma * rng.standard_normal((n_pol, d))
+            y_pol = f(x_pol)
+            w0, b0, a1, b1 = _gauss_newton(
+                w0, b0, a1, b1, np.vstack([xs, x_pol]), np.vstack([ys, y_pol]), unit
+            )
+            polished = n_pol
+        stages["queries_polish"] = float(polished)
+        x_ver = sigma * rng.standard_normal((self.verify_queries, d))
+        y_ver = f(x_ver)
+        pred = np.maximum(x_ver @ w0.T + b0, 0.0) @ a1.T + b1
+        rel = float(np.abs(pred - y_ver).max() / max(np.abs(y_ver).max(), 1e-300))
+        if not rel <= prec.verify:
+            raise DirectExtractionError(
+                f"extracted network reproduces the victim only to relative error {rel:.3g} on "
+                f"{self.verify_queries} fresh queries (expected <= {prec.verify:.3g} for answers "
+                f"with unit roundoff {prec.eps:.3g}): the "
+                "victim is not a one-hidden-layer ReLU network with logit outputs, or a hidden "
+                "unit was missed (e.g. two critical points too close to separate)"
+            )
+        model = relu1_model(w0, b0, a1, b1)
+        ctx.metrics.update(
+            {
+                "hidden_units": float(w0.shape[0]),
+                "kinks": float(len(ts)),
+                "flipped_units": float(flips.sum()),
+                "requeried_columns": float(requeried),
+                "verify_rel_error": rel,
+                "verify_queries": float(self.verify_queries),
+                "verify_tol": prec.verify,
+                "answer_eps": prec.eps,
+                "search_points": float(values),
+                "attack_time_s": time.perf_counter() - t_start,
+                **stages,
+            }
+        )
+        logger.info("relu extraction: %d units, verify error %.3g", w0.shape[0], rel)
+        return model
+
+    def _line_rows(
+        self,
+        f: FlatOracle,
+        line: _Line,
+        ts: np.ndarray,
+        unit: float,
+        reach: int,
+        prec: Precision,
+        rng: np.random.Generator,
+        chords: bool = False,
+    ) -> _LineFit:
+        """Stage 2 on one line: a checked Jacobian per linear piece, one row per kink
+        (re-searching merged kinks on a fine grid, re-measuring unsafe or short steps)."""
+        d, k = f.dim, f.num_classes
+        x0, u = line.x0, line.u
+        values = 0
         # (pieces are cached by their middle: a re-search around one kink re-measures
         # only the pieces next to it)
         cache: dict[float, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         requeried = shrinks = researched = 0
-        q_grad0 = ctx.spent
         for refine in range(4):
             pts, ell = _segment_points(ts, unit)
             centers = f.snap(x0[None, :] + pts[:, None] * u[None, :])
@@ -376,7 +532,7 @@ class ReLUCryptanalysis(Attack):
             new_ts = list(ts)
             for j in sorted(bad_kinks, reverse=True):
                 fine = np.linspace(pts[j], pts[j + 1], 65)
-                sub, n_sub = self._find_kinks(line, unit, reach, prec, grid=fine)
+                sub, n_sub = self._find_kinks(line, unit, reach, prec, grid=fine, chords=chords)
                 values += n_sub
                 if sub and not (len(sub) == 1 and abs(sub[0] - ts[j]) <= 1e-9 * max(abs(ts[j]), unit)):
                     new_ts[j : j + 1] = sorted(sub)
@@ -384,78 +540,105 @@ class ReLUCryptanalysis(Attack):
             if len(new_ts) == len(ts) and np.array_equal(np.array(new_ts), ts):
                 break
             ts = np.array(sorted(new_ts))
-        stages["queries_gradients"] = float(ctx.spent - q_grad0)
         assert w0 is not None and b0 is not None and a1 is not None
-        if len(ratio) and ratio.max() > prec.rank:
-            j = int(np.argmax(ratio))
-            raise DirectExtractionError(
-                f"gradient jump at critical point {j}: expected rank one (one hidden unit), got "
-                f"second/first singular value {ratio[j]:.3g}: two hyperplanes cross too close "
-                "together, or the victim is not a one-hidden-layer ReLU network"
-            )
-        stages["kinks_researched"] = float(researched)
-        stages["queries_requery"] = float(requeried)
-        stages["step_shrinks"] = float(shrinks)
+        return _LineFit(
+            ts=ts, centers=centers, grads=grads, vals=vals, steps=steps, w0=w0, b0=b0, a1=a1,
+            ratio=ratio, keep=keep, values=values, requeried=requeried, shrinks=shrinks,
+            researched=researched,
+        )  # fmt: skip
 
-        # 3. absolute signs ---------------------------------------------------
-        flips = _solve_flips(w0, b0, a1, grads, centers, prec.flip)
-        w0[flips] *= -1.0
-        b0[flips] *= -1.0
+    def _union_lines(
+        self,
+        f: FlatOracle,
+        lf: _LineFit,
+        unit: float,
+        reach: int,
+        prec: Precision,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Units from several lines, when some gradient jumps of the first line are not rank
+        one (merged kinks) or too noisy to trust (e.g. a kink far out on the line).
 
-        # 4a. biases from closed-form critical points on normal lines ------
-        ts = ts[keep]  # spurious kinks (no gradient jump) are dropped
-        # base: the origin, so that b = -w·x* is insensitive to the tiny error left in w
-        b0 = self._polish_biases(f, w0, b0, np.zeros((len(ts), d)), unit)
+        The first line's clean rows are kept; every further random line adds the clean rows
+        of units not seen yet (same hyperplane: input rows within ``|cos| > 0.99`` and
+        matching output columns) and replaces a known unit's row by a less noisy one. The
+        search stops when every doubtful jump of the first line is *explained*: the units
+        whose hyperplanes (as recovered) cross the first line between the two piece middles
+        add up to the measured jump, within its noise. Otherwise, after ``extra_lines``
+        lines, the rank-two error is raised. Returns rows, biases, output columns and the
+        number of further lines used.
+        """
+        d = f.dim
+        quality = _row_quality(lf, prec)
+        clean = (lf.ratio <= prec.rank) & (quality <= self.max_row_error)
+        units: list[tuple[np.ndarray, float, np.ndarray, float]] = [
+            (lf.w0[i], float(lf.b0[i]), lf.a1[:, i], float(quality[i])) for i in np.nonzero(clean)[0]
+        ]
+        doubtful = np.nonzero(lf.keep)[0][~clean]  # jumps between pieces j and j + 1
+        err = _jac_err(lf.vals, lf.steps, prec)
+        k = lf.grads.shape[1]
+        floor = 4.0 * (np.sqrt(k) + np.sqrt(d))
+        rel = min(1e-2, max(1e-4, 3.0 * prec.rank))
 
-        # 4b. output layer by least squares; 4c. held-out check -------------
-        n_fit = w0.shape[0] + 1
-        x_fit = sigma * rng.standard_normal((n_fit, d))
-        y_fit = f(x_fit)
-        xs = np.vstack([centers, x_fit])
-        ys = np.vstack([vals, y_fit])
-        a1, b1 = _output_layer(w0, b0, xs, ys)
-        n_par = w0.shape[0] * (d + 1) + k * (w0.shape[0] + 1)
-        polished = 0
-        if prec.eps > 1e-12 and n_par <= self.polish_max_params:
-            # coarse answers: a joint least-squares polish of every parameter on fresh queries
-            n_pol = int(np.ceil(2.0 * n_par / k)) + 16
-            x_pol = sigma * rng.standard_normal((n_pol, d))
-            y_pol = f(x_pol)
-            w0, b0, a1, b1 = _gauss_newton(
-                w0, b0, a1, b1, np.vstack([xs, x_pol]), np.vstack([ys, y_pol]), unit
-            )
-            polished = n_pol
-        stages["queries_polish"] = float(polished)
-        x_ver = sigma * rng.standard_normal((self.verify_queries, d))
-        y_ver = f(x_ver)
-        pred = np.maximum(x_ver @ w0.T + b0, 0.0) @ a1.T + b1
-        rel = float(np.abs(pred - y_ver).max() / max(np.abs(y_ver).max(), 1e-300))
-        if not rel <= prec.verify:
-            raise DirectExtractionError(
-                f"extracted network reproduces the victim only to relative error {rel:.3g} on "
-                f"{self.verify_queries} fresh queries (expected <= {prec.verify:.3g} for answers "
-                f"with unit roundoff {prec.eps:.3g}): the "
-                "victim is not a one-hidden-layer ReLU network with logit outputs, or a hidden "
-                "unit was missed (e.g. two critical points too close to separate)"
-            )
-        model = relu1_model(w0, b0, a1, b1)
-        ctx.metrics.update(
-            {
-                "hidden_units": float(w0.shape[0]),
-                "kinks": float(len(ts)),
-                "flipped_units": float(flips.sum()),
-                "requeried_columns": float(requeried),
-                "verify_rel_error": rel,
-                "verify_queries": float(self.verify_queries),
-                "verify_tol": prec.verify,
-                "answer_eps": prec.eps,
-                "search_points": float(values),
-                "attack_time_s": time.perf_counter() - t_start,
-                **stages,
-            }
-        )
-        logger.info("relu extraction: %d units, verify error %.3g", w0.shape[0], rel)
-        return model
+        def explained() -> bool:
+            if not units:
+                return False
+            w = np.array([t[0] for t in units])
+            b = np.array([t[1] for t in units])
+            a = np.array([t[2] for t in units]).T
+            z = lf.centers @ w.T + b  # (S, U)
+            for j in doubtful:
+                # one more piece each side: a unit recovered elsewhere may be predicted to cross
+                # just beyond a piece middle (far out on the line, tiny row errors move crossings)
+                lo, hi = max(j - 1, 0), min(j + 2, len(z) - 1)
+                jump = lf.grads[hi] - lf.grads[lo]
+                s = (z[hi] > 0).astype(float) - (z[lo] > 0).astype(float)
+                pred = np.einsum("ku,u,ud->kd", a, s, w)
+                res = float(np.linalg.norm(jump - pred, 2))
+                if res > 2.0 * floor * (err[lo] + err[hi]) + rel * float(np.linalg.norm(jump, 2)):
+                    return False
+            return True
+
+        used = 0
+        sigma = float(self.input_scale)
+        while not explained():
+            if used == self.extra_lines:
+                ratio = np.where(clean, 0.0, np.maximum(lf.ratio, quality))
+                j = int(np.argmax(ratio))
+                raise DirectExtractionError(
+                    f"gradient jump at critical point {j}: expected rank one (one hidden unit), got "
+                    f"second/first singular value {lf.ratio[j]:.3g} (noise {quality[j]:.3g}), and "
+                    f"{used} further lines did not explain it: two hyperplanes cross too close "
+                    "together, or the victim is not a one-hidden-layer ReLU network"
+                )
+            used += 1
+            x0 = sigma * rng.standard_normal(d)
+            u = rng.standard_normal(d)
+            u /= np.linalg.norm(u)
+            line = _Line(f, x0, u)
+            kinks, _ = self._find_kinks(line, unit, reach, prec)
+            if not kinks:
+                continue
+            lf2 = self._line_rows(f, line, np.array(sorted(kinks)), unit, reach, prec, rng)
+            q2 = _row_quality(lf2, prec)
+            for i in np.nonzero((lf2.ratio <= prec.rank) & (q2 <= self.max_row_error))[0]:
+                w, b, a, q = lf2.w0[i], float(lf2.b0[i]), lf2.a1[:, i], float(q2[i])
+                for n, (wu, _, au, qu) in enumerate(units):
+                    c = float(w @ wu)
+                    # the jump is "on side minus off side": reorienting a row (w, b) → (-w, -b)
+                    # keeps its output column a (the jump a·wᵀ changes sign with the sides)
+                    sw, sa = (w, a) if c > 0 else (-w, a)
+                    same = abs(c) > 0.99 and float(np.abs(sa - au).max()) <= 0.2 * float(np.abs(au).max())
+                    if same:
+                        if q < qu:
+                            units[n] = (sw, b if c > 0 else -b, sa, q)
+                        break
+                else:
+                    units.append((w, b, a, q))
+        w0 = np.array([t[0] for t in units])
+        b0 = np.array([t[1] for t in units])
+        a1 = np.array([t[2] for t in units]).T
+        return w0, b0, a1, used
 
     # ====================================================== kink search
     def _find_kinks(
@@ -465,11 +648,15 @@ class ReLUCryptanalysis(Attack):
         reach: int,
         prec: Precision | None = None,
         grid: np.ndarray | None = None,
+        chords: bool = False,
     ) -> tuple[list[float], int]:
         """All critical points of the line, by slope-intersection search (see module doc);
-        ``grid``: search only between these points (default: the geometric grid)."""
+        ``grid``: search only between these points (default: the geometric grid);
+        ``chords``: the values-only search of :meth:`_find_kinks_chords` instead."""
         if prec is None:
             prec = Precision.of(line.f.eps, tol=self.tol, verify_tol=self.verify_tol)
+        if chords:
+            return self._find_kinks_chords(line, unit, reach, prec, grid)
         fd = prec.fd
         if grid is None:
             pos = unit * 4.0 ** np.arange(-5, reach + 1)
@@ -547,6 +734,110 @@ class ReLUCryptanalysis(Attack):
             sm = (gm2 - gm) / dm
             stack.append((m, gm, sm, b, gb, sb, depth + 1))
             stack.append((a, ga, sa, m, gm, sm, depth + 1))
+        return kinks, n_points
+
+    def _find_kinks_chords(
+        self, line: _Line, unit: float, reach: int, prec: Precision, grid: np.ndarray | None = None
+    ) -> tuple[list[float], int]:
+        """The kink search for coarse (float32) answers: values only, no short slope probes.
+
+        A slope from two answers ``dt`` apart is off by ``~noise/dt``, and extrapolating it
+        across an interval multiplies that error: the default search's tolerance then merges
+        kinks. Here an interval is *linear* when its middle lies on the chord of its ends
+        (within the answers' own noise); otherwise it is halved. Consecutive linear intervals
+        whose shared point lies on the chord of their outer ends belong to one linear piece;
+        every boundary between two pieces is a kink, located where the two pieces' lines
+        (fitted through all their points, i.e. over the pieces' whole widths) intersect.
+        Intervals narrower than ``1e-5`` relative that are still bent give one kink each
+        (possibly two merged: the rank test of the gradient jump tells).
+        """
+        if grid is None:
+            pos = unit * 4.0 ** np.arange(-5, reach + 1)
+            grid = np.concatenate([-pos[::-1], [0.0], pos])
+        grid = np.asarray(grid, dtype=np.float64)
+        vals = line(grid)
+        n_points = len(grid)
+        pts: dict[float, np.ndarray] = {float(t): vals[i] for i, t in enumerate(grid)}
+        noise = prec.noise
+
+        def sig(y: np.ndarray) -> float:
+            return noise * (1.0 + float(np.abs(y).max()))
+
+        bent: set[float] = set()  # left ends of unresolved (too narrow) bent intervals
+        stack = [(float(grid[i]), float(grid[i + 1])) for i in range(len(grid) - 1)]
+        budget = 200 * (len(grid) + 64)
+        while stack:
+            a, b = stack.pop()
+            ga, gb = pts[a], pts[b]
+            m = 0.5 * (a + b)
+            if not a < m < b:
+                bent.add(a)
+                continue
+            gm = line(np.array([m]))[0]
+            n_points += 1
+            pts[m] = gm
+            dev = float(np.abs(gm - 0.5 * (ga + gb)).max())
+            if dev <= 3.0 * (sig(gm) + 0.5 * sig(ga) + 0.5 * sig(gb)):
+                continue  # linear (or a kink hugging an end: the piece lines show it)
+            if b - a <= 1e-5 * max(abs(a), abs(b), unit):
+                bent.add(a)
+                bent.add(m)
+                continue
+            if n_points > budget + 64 * len(bent):
+                raise NotPiecewiseLinearError(
+                    "critical-point search: expected the victim to be piecewise linear along a "
+                    f"line, got bends that do not resolve into kinks near t = {a:.6g} (the output "
+                    "curves continuously: e.g. tanh or sigmoid units, or outputs that are not logits)"
+                )
+            stack.append((m, b))
+            stack.append((a, m))
+        ts = np.array(sorted(pts))
+        ys = np.array([pts[float(t)] for t in ts])
+        sg = noise * (1.0 + np.abs(ys).max(axis=1))
+        # grow maximal linear runs left to right: a point joins the current run if it lies on
+        # the least-squares line of the run's last points (error propagated from the noise)
+        runs: list[tuple[int, int]] = []  # inclusive, disjoint index ranges
+        start = 0
+        for i in range(1, len(ts)):
+            if i - start >= 2:  # the run's last (at most 8) points: linear cost
+                first = max(start, i - 8)
+                slope, icpt, sd = _wline(ts[first:i], ys[first:i], sg[first:i], float(ts[i]))
+                tol = 3.0 * (sg[i] + sd)
+                if float(np.abs(ys[i] - (icpt + slope * ts[i])).max()) > tol:
+                    runs.append((start, i - 1))
+                    start = i
+        runs.append((start, len(ts) - 1))
+
+        def fit(r: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            slope, icpt, _ = _wline(ts[r[0] : r[1] + 1], ys[r[0] : r[1] + 1], sg[r[0] : r[1] + 1], 0.0)
+            return slope, icpt
+
+        kinks: list[float] = []
+        prev: tuple[np.ndarray, np.ndarray] | None = None
+        prev_end = -1
+        for r in runs:
+            if r[1] == r[0]:  # a single point between bends: several kinks, one reported
+                kinks.append(float(ts[r[0]]))
+                prev = None
+                prev_end = r[1]
+                continue
+            cur = fit(r)
+            if prev is not None:
+                (s1, c1), (s2, c2) = prev, cur
+                lo, hi = float(ts[prev_end]), float(ts[r[0]])
+                ds = s1 - s2
+                den = float(ds @ ds)
+                tau = float(ds @ (c2 - c1)) / den if den > 0 else 0.5 * (lo + hi)
+                # a kink hugging a sampled point may sit just across it
+                if not float(ts[max(prev_end - 1, 0)]) < tau < float(ts[min(r[0] + 1, len(ts) - 1)]):
+                    tau = 0.5 * (lo + hi)  # the lines meet elsewhere: merged kinks
+                kinks.append(tau)
+            prev, prev_end = cur, r[1]
+            if len(kinks) > self.max_kinks:
+                raise NotPiecewiseLinearError(
+                    f"critical-point search: expected at most max_kinks = {self.max_kinks} "
+                    "kinks on one line, got more; the victim is not a small ReLU network"
+                )
         return kinks, n_points
 
     # ================================================== gradients
@@ -642,6 +933,18 @@ class ReLUCryptanalysis(Attack):
 
 
 # ====================================================================== helpers
+def _wline(t: np.ndarray, y: np.ndarray, sd: np.ndarray, at: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Weighted (``1/sd²``) least-squares line through ``(t, y)`` (``y``: ``(N, K)``): slope,
+    intercept and the standard error of its prediction at ``at``."""
+    w = 1.0 / sd**2
+    sw = float(w.sum())
+    tm = float(w @ t) / sw
+    var = float(w @ (t - tm) ** 2)
+    ym = (w @ y) / sw
+    slope = ((w * (t - tm)) @ (y - ym)) / var
+    return slope, ym - slope * tm, float(np.sqrt(1.0 / sw + (at - tm) ** 2 / var))
+
+
 def _segment_points(ts: np.ndarray, unit: float) -> tuple[np.ndarray, np.ndarray]:
     """Middle of each linear piece and the distance to its nearest kink."""
     m = len(ts)
@@ -846,6 +1149,20 @@ def _gauss_newton(
         norm = np.linalg.norm(w0, axis=1)
         w0, b0, a1 = w0 / norm[:, None], b0 / norm, a1 * norm[None, :]
     return w0, b0, a1, b1
+
+
+def _row_quality(lf: _LineFit, prec: Precision) -> np.ndarray:
+    """Noise of each kept row's gradient jump relative to its size: the noise floor
+    ``4(√K + √D)·err`` of the two pieces' Jacobians over the jump's first singular value
+    (about the row's angular error)."""
+    err = _jac_err(lf.vals, lf.steps, prec)
+    k, d = lf.grads.shape[1], lf.grads.shape[2]
+    idx = np.nonzero(lf.keep)[0]
+    out = np.empty(len(idx))
+    for n, j in enumerate(idx):
+        sv1 = float(np.linalg.norm(lf.grads[j + 1] - lf.grads[j], 2))
+        out[n] = 4.0 * (np.sqrt(k) + np.sqrt(d)) * (err[j] + err[j + 1]) / max(sv1, 1e-300)
+    return out
 
 
 def _jac_err(vals: np.ndarray, steps: np.ndarray, prec: Precision) -> np.ndarray:
